@@ -1,0 +1,42 @@
+# `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+# Set-up is idempotent and lives in a local venv (.venv). On this CPU machine torch is the
+# 2.13.0 CPU build; on a GPU machine run e.g. `make setup TORCH=torch==2.13.0` with the
+# CUDA index configured, or install torch into the venv first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+AQN := $(VENV)/bin/aqn
+STAMP := $(VENV)/.aqn-installed
+
+.PHONY: setup demo test test-all lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev,plot]"
+	@touch $@
+
+demo: setup
+	$(AQN) schedule --preset qerl --total-steps 233
+	$(AQN) inspect --model tiny
+	$(AQN) noise-check --model tiny --dtype bfloat16 --preset qerl --total-steps 233
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/bench_noise.py
+	$(PY) bench/bench_noise.py --dtype bfloat16
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

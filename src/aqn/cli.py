@@ -1,0 +1,165 @@
+"""The ``aqn`` command: parses arguments, builds a config, calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from aqn.errors import ConfigError, NoTargetsError
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _noise_config(args: argparse.Namespace):
+    from aqn.noise import NoiseInjectionConfig
+
+    fields = {
+        "preset": args.preset,
+        "sigma_start": args.sigma_start,
+        "sigma_end": args.sigma_end,
+        "num_stages": args.num_stages,
+        "exponent": args.exponent,
+        "total_steps": args.total_steps,
+    }
+    for name in ("distribution", "mode", "fp32_targets", "seed"):
+        if hasattr(args, name):
+            fields[name] = getattr(args, name)
+    return NoiseInjectionConfig(**{k: v for k, v in fields.items() if v is not None}).resolved()
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="qerl",
+                   help="qerl, qerl-scripts, mild, strong, small (default: qerl)")
+    p.add_argument("--sigma-start", type=float)
+    p.add_argument("--sigma-end", type=float)
+    p.add_argument("--num-stages", type=int)
+    p.add_argument("--exponent", choices=["qerl-code", "paper"], default="qerl-code")
+    p.add_argument("--total-steps", type=int, required=True)
+
+
+def cmd_schedule(args: argparse.Namespace) -> None:
+    schedule = _noise_config(args).schedule()
+    rows = schedule.table()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return
+    print(f"sigma {schedule.sigma_start:g} -> {schedule.sigma_end:g}, "
+          f"{schedule.num_stages} stages over {schedule.total_steps} steps "
+          f"(exponent {schedule.exponent})")
+    print(_table(["stage", "first step", "last step", "sigma"],
+                 [(r.stage, r.first_step, r.last_step, f"{r.sigma:.6g}") for r in rows]))
+
+
+def _selection_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        class_patterns=tuple(args.class_pattern or ("rmsnorm",)),
+        target_modules=tuple(args.target or ()),
+        exclude_patterns=tuple(args.exclude or ()),
+        include_final_norm=not args.no_final_norm,
+    )
+
+
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="'tiny' or a Hugging Face model path/id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--class-pattern", action="append",
+                   help="class-name pattern (repeatable; default: rmsnorm)")
+    p.add_argument("--target", action="append", help="module path pattern (repeatable)")
+    p.add_argument("--exclude", action="append", help="module path pattern (repeatable)")
+    p.add_argument("--no-final-norm", action="store_true", help="leave the final norm out")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from aqn.models import load_model
+    from aqn.noise import describe_targets, select_norms
+
+    model, _ = load_model(args.model, dtype=args.dtype)
+    targets = describe_targets(select_norms(model, **_selection_kwargs(args)))
+    total = sum(t.numel for t in targets)
+    if args.json:
+        print(json.dumps({"model": args.model, "num_modules": len(targets),
+                          "num_params": total,
+                          "targets": [dataclasses.asdict(t) for t in targets]}, indent=2))
+        return
+    print(_table(["path", "class", "shape", "dtype", "final"],
+                 [(t.path, t.class_name, "x".join(map(str, t.shape)), t.dtype,
+                   "yes" if t.is_final else "") for t in targets]))
+    print(f"{len(targets)} AQN target modules, {total} parameters in {args.model}")
+
+
+def cmd_noise_check(args: argparse.Namespace) -> None:
+    from aqn.models import load_model
+    from aqn.noise import NoiseInjector, stage_reports
+
+    noise = dataclasses.replace(_noise_config(args), **_selection_kwargs(args))
+    model, _ = load_model(args.model, dtype=args.dtype)
+    reports = stage_reports(NoiseInjector(model, noise))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) | {"swallowed": r.swallowed} for r in reports],
+                         indent=2))
+        return
+    print(f"{args.model} ({reports[0].dtype} targets), {reports[0].num_modules} modules, "
+          f"{reports[0].num_params} parameters; {noise.distribution} {noise.mode} noise")
+    print(_table(
+        ["stage", "first step", "sigma", "effective std", "ratio", "changed", ""],
+        [(r.stage, r.step, f"{r.sigma:.6g}", f"{r.effective_std:.3e}",
+          f"{r.effective_std / r.drawn_std:.2f}" if r.drawn_std else "-",
+          f"{r.frac_changed:.1%}", "SWALLOWED by the cast" if r.swallowed else "")
+         for r in reports]))
+    if any(r.swallowed for r in reports):
+        print("Stages marked SWALLOWED lose most of their noise to the cast; "
+              "--fp32-targets (trainer.noise_injection.fp32_targets=true) keeps it.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aqn", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("schedule", help="print the AQN sigma schedule, stage by stage")
+    _add_schedule_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("inspect", help="list the modules AQN would perturb in a model")
+    _add_selection_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("noise-check",
+                       help="per stage: sigma, effective std after the cast, elements changed")
+    _add_selection_args(p)
+    _add_schedule_args(p)
+    p.add_argument("--distribution", choices=["gaussian", "uniform"], default="gaussian")
+    p.add_argument("--mode", choices=["additive", "multiplicative"], default="additive")
+    p.add_argument("--fp32-targets", action="store_true", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_noise_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ConfigError, NoTargetsError, ValueError, FileNotFoundError) as e:
+        print(f"aqn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Strict JSONL loading: bad data fails loudly, naming the file and line."""
+
+import json
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A dataset file is empty or has a malformed or incomplete row."""
+
+
+def load_jsonl(path: str | Path, required_keys: tuple[str, ...] = ()) -> list[dict]:
+    """Read one JSON object per line, skipping blank lines.
+
+    Raises DataError on a line that is not a JSON object, a row missing one of
+    `required_keys`, or a file with no rows.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
+            for key in required_keys:
+                if key not in row:
+                    raise DataError(f"{path}:{lineno}: missing required key {key!r}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: dataset is empty")
+    return rows

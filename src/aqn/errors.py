@@ -1,0 +1,19 @@
+"""Errors shared by every layer (this module imports nothing from aqn)."""
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. ``key`` is its dotted path, filled in as the error rises."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        self.message = message
+        self.key = key
+        super().__init__(f"config key '{key}': {message}" if key else message)
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error with its key placed under ``prefix``."""
+        key = f"{prefix}.{self.key}" if self.key else prefix
+        return ConfigError(self.message, key)
+
+
+class NoTargetsError(RuntimeError):
+    """AQN selection matched no module: the noise would silently do nothing."""

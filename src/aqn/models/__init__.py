@@ -1,0 +1,51 @@
+"""Model and tokenizer loading: the built-in tiny model, or any Hugging Face causal LM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from aqn.models.tiny import build_tiny_llama, tiny_llama_config
+from aqn.models.tokenizer import build_char_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN = {"tiny": "built-in tiny Llama (4 layers, hidden 128), random weights, char tokenizer"}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}") from None
+
+
+def build_tiny(seed: int = 0, dtype: str | torch.dtype = "float32", **arch
+               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    tokenizer = build_char_tokenizer()
+    config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                               tokenizer.eos_token_id, **arch)
+    return build_tiny_llama(config, seed=seed, dtype=parse_dtype(dtype)), tokenizer
+
+
+def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
+               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """``tiny`` (built in code) or a local path / hub id of a Hugging Face causal LM."""
+    if name == "tiny":
+        return build_tiny(seed=seed, dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(name).exists() and "/" not in name:
+        raise ValueError(
+            f"model {name!r} is neither a built-in ({', '.join(BUILTIN)}), a local "
+            "directory, nor a hub id of the form owner/name"
+        )
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=parse_dtype(dtype))
+    tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -1,0 +1,41 @@
+import json
+
+from aqn.cli import main
+
+
+def test_schedule_table(capsys):
+    assert main(["schedule", "--sigma-start", "0.01", "--sigma-end", "0.001",
+                 "--num-stages", "5", "--total-steps", "233", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["first_step"] for r in rows] == [0, 47, 94, 140, 187]
+    assert [round(r["sigma"], 6) for r in rows] == [0, 0.01, 0.004642, 0.002154, 0.001]
+
+
+def test_inspect_lists_targets(capsys):
+    assert main(["inspect", "--model", "tiny", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_modules"] == 9 and out["num_params"] == 9 * 128
+    assert out["targets"][-1]["path"] == "model.norm" and out["targets"][-1]["is_final"]
+    assert main(["inspect", "--model", "tiny", "--no-final-norm"]) == 0
+    assert "8 AQN target modules, 1024 parameters" in capsys.readouterr().out
+
+
+def test_noise_check_shows_the_bf16_problem(capsys):
+    assert main(["noise-check", "--model", "tiny", "--dtype", "bfloat16",
+                 "--total-steps", "100", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["stage"] for r in rows] == list(range(10))
+    assert rows[1]["sigma"] == 0.05 and not rows[1]["swallowed"]
+    assert rows[9]["sigma"] == 0.0005 and rows[9]["swallowed"] and rows[9]["frac_changed"] == 0
+    assert main(["noise-check", "--model", "tiny", "--dtype", "bfloat16",
+                 "--total-steps", "100", "--fp32-targets", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert not any(r["swallowed"] for r in rows) and rows[9]["frac_changed"] == 1.0
+
+
+def test_errors_exit_2_with_a_message(capsys):
+    assert main(["schedule", "--total-steps", "0"]) == 2
+    assert "total_steps" in capsys.readouterr().err
+    assert main(["inspect", "--model", "tiny", "--class-pattern", "layernorm"]) == 2
+    err = capsys.readouterr().err
+    assert "matched 0 modules" in err and "LlamaRMSNorm x9" in err
