@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from aqn.errors import ConfigError, NoTargetsError
+from aqn.errors import ConfigError, NoTargetsError, TrainingError
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -121,6 +121,18 @@ def cmd_noise_check(args: argparse.Namespace) -> None:
               "--fp32-targets (trainer.noise_injection.fp32_targets=true) keeps it.")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from aqn.config import load_config
+    from aqn.rl.trainer import run_dir_of, train
+
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg)
+    print(json.dumps({k: v for k, v in final.items() if k.startswith(("val-core/", "aqn/sigma",
+                                                                       "critic/score/mean"))},
+                     indent=1))
+    print(f"run directory: {run_dir_of(cfg)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aqn", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -146,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_noise_check)
+    p = sub.add_parser("train", help="GRPO training (AQN on with "
+                       "trainer.noise_injection.enabled=true)")
+    p.add_argument("config", nargs="?", default="tiny",
+                   help="a YAML file or a preset (smoke, tiny; default: tiny)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.seed=2")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -155,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ConfigError, NoTargetsError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, NoTargetsError, TrainingError, ValueError, FileNotFoundError) as e:
         print(f"aqn {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

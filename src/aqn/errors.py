@@ -17,3 +17,7 @@ class ConfigError(ValueError):
 
 class NoTargetsError(RuntimeError):
     """AQN selection matched no module: the noise would silently do nothing."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss or reward); the last checkpoint is intact."""

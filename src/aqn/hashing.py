@@ -22,3 +22,9 @@ def to_plain(obj: Any) -> Any:
 def config_hash(obj: Any, length: int = 10) -> str:
     text = json.dumps(to_plain(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from sha256 of the parts: stable across processes, unlike hash()."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -14,15 +14,117 @@ from aqn.noise.config import NoiseInjectionConfig
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    # "arith": the built-in procedural word problems (no files needed).
+    source: Literal["arith"] = "arith"
+    train_size: int = 2000  # problems in the train split
+    val_size: int = 200  # problems in the test split used for validation
+    difficulty: tuple[int, ...] = (1, 2, 3)
+    # Prompts per step (verl: data.train_batch_size); each gets rollout.n completions.
+    train_batch_size: int = 16
+    max_prompt_length: int = 256  # longer prompts are an error, never silently cut
+    max_response_length: int = 64  # max new tokens per completion
+    seed: int | None = None  # data order and subsets; null takes trainer.seed
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "val_size", "train_batch_size", "max_prompt_length",
+                     "max_response_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be > 0, got {getattr(self, name)}", name)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    # "tiny" (built in code) or a local path / hub id of a Hugging Face causal LM.
-    path: str = "tiny"
+    # "tiny" (random, built in code), "tiny-base" (tiny pretrained on the arith task,
+    # cached), or a local path / hub id of a Hugging Face causal LM.
+    path: str = "tiny-base"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6  # verl's default for full fine-tuning
+    weight_decay: float = 0.01
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up, then constant
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Prompts per optimizer step (verl counts mini-batches in prompts); null = the whole batch.
+    ppo_mini_batch_size: int | None = None
+    ppo_micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation)
+    ppo_epochs: int = 1
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2  # DAPO: 0.28
+    clip_ratio_c: float = 3.0  # dual clip for negative advantages
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                           "seq-mean-token-sum-norm"] = "token-mean"
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"
+    entropy_coeff: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.clip_ratio_c <= 1.0:
+            raise ConfigError(f"must be > 1, got {self.clip_ratio_c}", "clip_ratio_c")
+        for name in ("ppo_micro_batch_size", "ppo_epochs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be > 0, got {getattr(self, name)}", name)
+
+
+@dataclass(frozen=True)
+class ValKwargs:
+    do_sample: bool = False  # greedy validation, as verl
+    temperature: float = 1.0
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n: int = 8  # completions per prompt (GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    # "recompute": rollout log-probs from one forward pass over the finished sequences on the
+    # engine copy (bit-identical to the trainer's when nothing perturbs the engine);
+    # "decode": the log-probs seen while sampling (KV-cache numerics, as vLLM returns them).
+    log_prob_source: Literal["recompute", "decode"] = "recompute"
+    micro_batch_size: int = 64  # sequences generated or scored at once
+    val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"must be >= 1, got {self.n}", "n")
+        if self.temperature <= 0:
+            raise ConfigError(f"must be > 0, got {self.temperature}", "temperature")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"must be in (0, 1], got {self.top_p}", "top_p")
 
 
 @dataclass(frozen=True)
 class ActorRolloutRefConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    adv_estimator: Literal["grpo"] = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
+    # Truncated importance sampling against rollout-vs-train mismatch (null: off).
+    rollout_is: Literal["token", "sequence"] | None = None
+    rollout_is_threshold: float = 2.0
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    method: Literal["strict", "flexible", "numeric"] = "strict"
 
 
 @dataclass(frozen=True)
@@ -33,6 +135,15 @@ class TrainerConfig:
     seed: int = 1
     # Optimizer steps; also the length of the AQN schedule unless it sets its own.
     total_training_steps: int = 100
+    test_freq: int = 20  # validate every N steps (and at the end); <= 0: only at the end
+    val_before_train: bool = True
+    # Validate the perturbed engine instead of clean weights (REFERENCE defect 7).
+    validate_with_perturbation: bool = False
+    save_freq: int = 50  # checkpoint every N steps (and at the end); <= 0: only at the end
+    default_local_dir: str = "runs"  # the run directory is <default_local_dir>/<experiment_name>
+    resume: bool = False  # continue from the run directory's last checkpoint
+    logger: tuple[Literal["console", "jsonl", "tensorboard", "wandb"], ...] = ("console", "jsonl")
+    progress_bar: bool = True
     noise_injection: NoiseInjectionConfig = field(default_factory=NoiseInjectionConfig)
 
     def __post_init__(self) -> None:
@@ -43,7 +154,10 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class AQNConfig:
+    data: DataConfig = field(default_factory=DataConfig)
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -56,4 +170,19 @@ def resolve(cfg: AQNConfig) -> AQNConfig:
             noise.schedule()  # fail now, not at step 0 of a long run
         except ConfigError as e:
             raise e.under("trainer.noise_injection") from None
-    return replace(cfg, trainer=replace(t, noise_injection=noise))
+    data = cfg.data if cfg.data.seed is not None else replace(cfg.data, seed=t.seed)
+    actor = cfg.actor_rollout_ref.actor
+    mini = actor.ppo_mini_batch_size or data.train_batch_size
+    if data.train_batch_size % mini:
+        raise ConfigError(
+            f"data.train_batch_size ({data.train_batch_size}) must be divisible by "
+            f"ppo_mini_batch_size ({mini})", "actor_rollout_ref.actor.ppo_mini_batch_size")
+    n = cfg.actor_rollout_ref.rollout.n
+    if (mini * n) % actor.ppo_micro_batch_size:
+        raise ConfigError(
+            f"a mini-batch of {mini} prompts x {n} completions = {mini * n} sequences must be "
+            f"divisible by ppo_micro_batch_size ({actor.ppo_micro_batch_size})",
+            "actor_rollout_ref.actor.ppo_micro_batch_size")
+    arr = replace(cfg.actor_rollout_ref, actor=replace(actor, ppo_mini_batch_size=mini))
+    return replace(cfg, data=data, actor_rollout_ref=arr,
+                   trainer=replace(t, noise_injection=noise))

@@ -9,7 +9,6 @@ what survived the cast to the weight dtype and warns when the cast swallowed it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import warnings
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aqn.hashing import config_hash
+from aqn.hashing import config_hash, derive_seed
 from aqn.noise.config import NoiseInjectionConfig
 from aqn.noise.selection import NormTarget, describe_targets, select_norms
 
@@ -65,8 +64,7 @@ class NoiseReport:
 
 
 def noise_seed(seed: int, step: int, path: str) -> int:
-    digest = hashlib.sha256(f"{seed}/{step}/{path}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derive_seed(seed, step, path)
 
 
 def _to_fp32_input(module: nn.Module, args: tuple):

@@ -1,0 +1,70 @@
+"""Metric sinks: metrics.jsonl always; TensorBoard and wandb when asked for and installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop rows logged after ``last_step`` (a resumed run re-creates them)."""
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _plain(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no NaN
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, loggers: Sequence[str], project: str, name: str,
+                 config: Mapping) -> None:
+        self.path = run_dir / METRICS_FILE
+        self._tb = None
+        self._wandb = None
+        if "tensorboard" in loggers:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("trainer.logger has 'tensorboard' but it is not installed: "
+                                   "pip install 'aqn[tensorboard]'") from e
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if "wandb" in loggers:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("trainer.logger has 'wandb' but it is not installed: "
+                                   "pip install 'aqn[wandb]' (WANDB_MODE=offline works "
+                                   "without network)") from e
+            self._wandb = wandb.init(project=project, name=name, config=dict(config),
+                                     dir=str(run_dir))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        row = {"step": step, **{k: _plain(float(v)) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(dict(metrics), step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

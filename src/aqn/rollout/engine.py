@@ -1,0 +1,227 @@
+"""The rollout engine: its own copy of the policy, perturbed after every weight sync.
+
+As vLLM in verl and QeRL, the engine holds a separate copy of the weights. After each
+sync the ordered perturbations (AQN noise today; quantization and hardware numerics slot
+in the same list) are applied to that copy only; the training copy is never touched.
+Generation is a batched sampling loop with a KV cache that returns, for every sampled
+token, its log-prob under the perturbed engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from aqn.noise import NoiseInjector, NoiseReport
+from aqn.rl.core_algos import log_probs_from_logits
+from aqn.rollout.forward import cache_kwarg, position_ids, response_scores
+
+
+class Perturbation(Protocol):
+    """Something applied to the engine's weights after each sync, and undone for clean use."""
+
+    name: str
+
+    def refresh(self) -> None: ...  # new clean weights were just loaded
+
+    def apply(self, step: int) -> Mapping[str, float]: ...  # returns metrics
+
+    def restore(self) -> None: ...
+
+
+class NoisePerturbation:
+    """AQN as an engine perturbation."""
+
+    name = "aqn"
+
+    def __init__(self, injector: NoiseInjector) -> None:
+        self.injector = injector
+        self.last_report: NoiseReport | None = None
+
+    def refresh(self) -> None:
+        self.injector.refresh_clean()
+
+    def apply(self, step: int) -> Mapping[str, float]:
+        self.last_report = self.injector.apply(step)
+        return self.last_report.metrics()
+
+    def restore(self) -> None:
+        self.injector.restore()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    do_sample: bool = True  # False: greedy
+
+
+@dataclass
+class RolloutBatch:
+    """``n`` consecutive rows per prompt; prompts left-padded, responses right-padded."""
+
+    prompt_ids: Tensor  # [B, P]
+    prompt_mask: Tensor  # [B, P]
+    response_ids: Tensor  # [B, T]
+    response_mask: Tensor  # [B, T] 1 up to and including the stop token
+    rollout_log_probs: Tensor  # [B, T] under the (perturbed) engine
+    group_index: list[int]  # the prompt each row answers
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    @property
+    def response_length(self) -> int:
+        return self.response_ids.shape[1]
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Mask logits outside the top-k and the top-p nucleus with -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        model: nn.Module,
+        pad_token_id: int,
+        stop_token_ids: Sequence[int],
+        perturbations: Sequence[Perturbation] = (),
+        log_prob_source: Literal["recompute", "decode"] = "recompute",
+        micro_batch_size: int = 64,
+    ) -> None:
+        self.model = model.eval()
+        self.pad_token_id = pad_token_id
+        self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+        self.perturbations = list(perturbations)
+        self.log_prob_source = log_prob_source
+        self.micro_batch_size = micro_batch_size
+        self.perturbed_step: int | None = None
+        self._cache_kwarg = cache_kwarg(model)
+
+    @torch.no_grad()
+    def sync_weights(self, source: nn.Module) -> float:
+        """Load the trainer's weights; perturbations take them as their new clean copy."""
+        t = time.perf_counter()
+        self.model.load_state_dict(source.state_dict())
+        for p in self.perturbations:
+            p.refresh()
+        self.perturbed_step = None
+        return time.perf_counter() - t
+
+    def perturb(self, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for p in self.perturbations:
+            metrics.update(p.apply(step))
+        self.perturbed_step = step
+        return metrics
+
+    def clear_perturbations(self) -> None:
+        for p in reversed(self.perturbations):
+            p.restore()
+        self.perturbed_step = None
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seed: int = 0) -> RolloutBatch:
+        """``params.n`` completions of each prompt (token ids), sampled with a seeded RNG."""
+        rows = [p for p in prompts for _ in range(params.n)]
+        group_index = [i for i in range(len(prompts)) for _ in range(params.n)]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        parts = [self._generate_chunk(rows[i:i + self.micro_batch_size], params, gen)
+                 for i in range(0, len(rows), self.micro_batch_size)]
+        width = max(p[2].shape[1] for p in parts)
+        prompt_width = max(p[0].shape[1] for p in parts)
+
+        def pad(t: Tensor, w: int, value, left: bool) -> Tensor:
+            extra = t.new_full((t.shape[0], w - t.shape[1]), value)
+            return torch.cat([extra, t] if left else [t, extra], dim=1)
+
+        batch = RolloutBatch(
+            prompt_ids=torch.cat([pad(p[0], prompt_width, self.pad_token_id, True)
+                                  for p in parts]),
+            prompt_mask=torch.cat([pad(p[1], prompt_width, 0, True) for p in parts]),
+            response_ids=torch.cat([pad(p[2], width, self.pad_token_id, False) for p in parts]),
+            response_mask=torch.cat([pad(p[3], width, 0.0, False) for p in parts]),
+            rollout_log_probs=torch.cat([pad(p[4], width, 0.0, False) for p in parts]),
+            group_index=group_index,
+        )
+        if self.log_prob_source == "recompute":
+            batch.rollout_log_probs = self.score(batch, params.temperature)
+        return batch
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, temperature: float) -> Tensor:
+        """Log-probs of the batch's responses under the engine, in one full forward pass."""
+        out = []
+        for i in range(0, batch.input_ids.shape[0], self.micro_batch_size):
+            sl = slice(i, i + self.micro_batch_size)
+            out.append(response_scores(self.model, batch.input_ids[sl], batch.attention_mask[sl],
+                                       batch.response_length, temperature).log_probs)
+        return torch.cat(out) * batch.response_mask
+
+    def _generate_chunk(self, prompts, params: SamplingParams, gen: torch.Generator):
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
+        batch = prompt_ids.shape[0]
+        cache = None
+        attention = prompt_mask
+        positions = position_ids(prompt_mask)
+        inputs = prompt_ids
+        finished = torch.zeros(batch, dtype=torch.bool)
+        tokens, log_probs, masks = [], [], []
+        for _ in range(params.max_new_tokens):
+            out = self.model(input_ids=inputs, attention_mask=attention, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+            cache = out[self._cache_kwarg]
+            logits = out.logits[:, -1, :].float()
+            if params.temperature != 1.0 and params.do_sample:
+                logits = logits / params.temperature
+            if params.do_sample:
+                probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1)
+                token = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            else:
+                token = logits.argmax(-1)
+            token = token.masked_fill(finished, self.pad_token_id)
+            tokens.append(token)
+            log_probs.append(log_probs_from_logits(logits, token).masked_fill(finished, 0.0))
+            masks.append((~finished).float())
+            finished = finished | torch.isin(token, self.stop_token_ids)
+            if finished.all():
+                break
+            inputs = token.unsqueeze(1)
+            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype)], 1)
+            positions = positions[:, -1:] + 1
+        return (prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1),
+                torch.stack(log_probs, 1))
