@@ -15,10 +15,13 @@ from aqn.noise.config import NoiseInjectionConfig
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "arith": the built-in procedural word problems (no files needed).
-    source: Literal["arith"] = "arith"
-    train_size: int = 2000  # problems in the train split
-    val_size: int = 200  # problems in the test split used for validation
+    # "arith": the built-in procedural word problems (no files needed);
+    # "gsm8k": train.jsonl / test.jsonl under data.path (openai/grade-school-math format).
+    source: Literal["arith", "gsm8k"] = "arith"
+    path: str | None = None
+    # arith: how many problems to generate per split; gsm8k: a seeded subset (null: all).
+    max_train_samples: int | None = 2000
+    max_val_samples: int | None = 200
     difficulty: tuple[int, ...] = (1, 2, 3)
     # Prompts per step (verl: data.train_batch_size); each gets rollout.n completions.
     train_batch_size: int = 16
@@ -28,9 +31,9 @@ class DataConfig:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("train_size", "val_size", "train_batch_size", "max_prompt_length",
-                     "max_response_length"):
-            if getattr(self, name) <= 0:
+        for name in ("max_train_samples", "max_val_samples", "train_batch_size",
+                     "max_prompt_length", "max_response_length"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, name)}", name)
 
 

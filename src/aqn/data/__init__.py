@@ -5,17 +5,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aqn.data.arith import make_split
+from aqn.data.gsm8k import load_gsm8k
 from aqn.data.jsonl import DataError
 
+SOURCES = ("arith", "gsm8k")
 
-def load_task(source: str, train_size: int, val_size: int, seed: int,
-              difficulty: Sequence[int] = (1, 2, 3)) -> tuple[list[dict], list[dict]]:
-    """(train, validation) records of a task; validation never overlaps training."""
+
+def load_task(source: str, max_train_samples: int | None, max_val_samples: int | None,
+              seed: int, difficulty: Sequence[int] = (1, 2, 3), path: str | None = None
+              ) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of a task; validation never overlaps training.
+
+    arith: that many generated problems per split. gsm8k: the files under ``path``, or a
+    seeded subset of that many rows.
+    """
     if source == "arith":
+        if max_train_samples is None or max_val_samples is None:
+            raise DataError("the arith task needs data.max_train_samples and "
+                            "data.max_val_samples (how many problems to generate)")
         difficulty = tuple(difficulty)
-        return (make_split("train", train_size, seed=seed, difficulty=difficulty),
-                make_split("test", val_size, seed=seed, difficulty=difficulty))
-    raise DataError(f"unknown data source {source!r}; known: arith")
+        return (make_split("train", max_train_samples, seed=seed, difficulty=difficulty),
+                make_split("test", max_val_samples, seed=seed, difficulty=difficulty))
+    if source == "gsm8k":
+        if path is None:
+            raise DataError("data.source=gsm8k needs data.path: a directory with train.jsonl "
+                            "and test.jsonl (e.g. ../shared/data/gsm8k)")
+        return (load_gsm8k(path, "train", max_train_samples, seed),
+                load_gsm8k(path, "test", max_val_samples, seed))
+    raise DataError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
 
 
 def encode_prompts(tokenizer, records: Sequence[dict], max_length: int) -> list[list[int]]:

@@ -137,9 +137,9 @@ class GRPOTrainer:
         torch.manual_seed(t.seed)
 
         # Data first: a bad dataset fails before any model is loaded.
+        d = cfg.data
         self.train_records, self.val_records = load_task(
-            cfg.data.source, cfg.data.train_size, cfg.data.val_size, cfg.data.seed,
-            cfg.data.difficulty)
+            d.source, d.max_train_samples, d.max_val_samples, d.seed, d.difficulty, d.path)
         if len(self.train_records) < cfg.data.train_batch_size:
             raise ConfigError(f"the train split has {len(self.train_records)} prompts, fewer "
                               f"than one batch ({cfg.data.train_batch_size})",
@@ -171,7 +171,8 @@ class GRPOTrainer:
             log_prob_source=arr.rollout.log_prob_source,
             micro_batch_size=arr.rollout.micro_batch_size,
         )
-        self.reward_fn = get_reward_fn(cfg.data.source, cfg.reward.method)
+        self.data_source = self.val_records[0]["data_source"]  # verl's metric names use it
+        self.reward_fn = get_reward_fn(self.data_source, cfg.reward.method)
         optim = arr.actor.optim
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=optim.lr,
                                            betas=tuple(optim.betas), eps=optim.eps,
@@ -354,7 +355,7 @@ class GRPOTrainer:
                          "correct": score >= 1.0})
         path = self.run_dir / "val" / f"step_{step}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        source = self.cfg.data.source
+        source = self.data_source
         acc = sum(r["score"] for r in rows) / len(rows)
         return {f"val-core/{source}/reward/mean@{val.n}": acc}
 
@@ -369,7 +370,7 @@ class GRPOTrainer:
         bar = tqdm(range(self.start_step, t.total_training_steps), initial=self.start_step,
                    total=t.total_training_steps, disable=not t.progress_bar, desc="GRPO",
                    dynamic_ncols=True)
-        val_key = f"val-core/{self.cfg.data.source}/reward/mean@1"
+        val_key = f"val-core/{self.data_source}/reward/mean@1"
         for step in bar:
             metrics = self.step(step)
             done = step + 1

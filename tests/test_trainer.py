@@ -1,0 +1,161 @@
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aqn.config import ConfigError, load_config
+from aqn.errors import NoTargetsError, TrainingError
+from aqn.rl.tracking import read_metrics
+from aqn.rl.trainer import GRPOTrainer, train
+
+# AQN preset "small" (K=5) over the 4 smoke steps: sigma 0 at step 0, then 0.01, 0.0046, 0.0022
+AQN = ["trainer.noise_injection.enabled=true", "trainer.noise_injection.preset=small"]
+
+
+def smoke(tmp_path, *overrides, name="run"):
+    return load_config("smoke", [f"trainer.default_local_dir={tmp_path}",
+                                 f"trainer.experiment_name={name}", *overrides])
+
+
+def deterministic(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(("timing_s/", "perf/throughput"))}
+
+
+def test_mismatch_is_exactly_zero_without_perturbation(tmp_path):
+    train(smoke(tmp_path))
+    rows = [r for r in read_metrics(tmp_path / "run") if "rollout_corr/kl" in r]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["rollout_corr/abs_logp_diff_max"] == 0.0
+        assert r["rollout_corr/kl"] == 0.0 and r["rollout_corr/k3_kl"] == 0.0
+        assert r["training/rollout_probs_diff_max"] == 0.0
+        assert r["training/rollout_actor_probs_pearson_corr"] == 1.0
+        assert r["rollout_corr/ppl_ratio"] == 1.0
+        assert "aqn/sigma" not in r
+
+
+def test_aqn_noise_reaches_the_rollout_and_shows_as_mismatch(tmp_path):
+    train(smoke(tmp_path, *AQN))
+    rows = [r for r in read_metrics(tmp_path / "run") if "aqn/sigma" in r]
+    assert [r["aqn/stage"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["aqn/sigma"] == 0 and rows[0]["rollout_corr/abs_logp_diff_max"] == 0.0
+    for r, sigma in zip(rows[1:], (0.01, 0.004642, 0.002154), strict=True):
+        assert r["aqn/sigma"] == pytest.approx(sigma, rel=1e-3)
+        assert r["aqn/effective_std"] == pytest.approx(sigma, rel=0.2)
+        assert r["aqn/num_modules"] == 9
+        assert r["rollout_corr/abs_logp_diff_mean"] > 0
+        assert r["training/rollout_actor_probs_pearson_corr"] < 1.0
+
+
+def test_decode_log_probs_are_close_but_measured(tmp_path):
+    train(smoke(tmp_path, "actor_rollout_ref.rollout.log_prob_source=decode"))
+    rows = [r for r in read_metrics(tmp_path / "run") if "rollout_corr/kl" in r]
+    assert all(r["rollout_corr/abs_logp_diff_max"] < 1e-4 for r in rows)
+
+
+def test_training_copy_is_never_perturbed(tmp_path):
+    cfg = smoke(tmp_path, *AQN, "actor_rollout_ref.actor.optim.lr=0.0",
+                "trainer.val_before_train=false", "trainer.test_freq=0")
+    trainer = GRPOTrainer(cfg)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    for step in range(4):
+        trainer.step(step)
+    engine_norm = trainer.engine.model.model.norm.weight
+    assert not torch.equal(engine_norm, before["model.norm.weight"])  # the engine is noisy
+    for k, v in trainer.policy.state_dict().items():
+        assert torch.equal(v, before[k]), k  # lr 0: the trainer's copy is untouched
+
+
+def test_run_directory_contents(tmp_path):
+    train(smoke(tmp_path, *AQN))
+    run = tmp_path / "run"
+    assert (run / "config.yaml").read_text().startswith("# aqn config, hash ")
+    assert sorted(p.name for p in (run / "val").iterdir()) == [
+        "step_0.jsonl", "step_2.jsonl", "step_4.jsonl"]
+    rows = [json.loads(x) for x in (run / "val" / "step_4.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert set(rows[0]) == {"id", "prompt", "response", "extracted", "ground_truth", "score",
+                            "correct"}
+    assert all(r["correct"] == (r["score"] == 1.0) for r in rows)
+    metrics = read_metrics(run)
+    assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]
+    last = metrics[-1]
+    for key in ("actor/entropy", "actor/pg_loss", "actor/pg_clipfrac", "actor/grad_norm",
+                "critic/score/mean", "response_length/mean", "timing_s/gen",
+                "timing_s/update_weights", "timing_s/old_log_prob", "timing_s/update_actor",
+                "timing_s/reward", "perf/throughput", "aqn/effective_std",
+                "val-core/arith/reward/mean@1"):
+        assert key in last and math.isfinite(last[key]), key
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_4"]
+
+
+def test_resume_gives_the_same_run(tmp_path, monkeypatch):
+    train(smoke(tmp_path, *AQN, name="straight"))
+
+    cfg = smoke(tmp_path, *AQN, name="stopped")
+    original_step = GRPOTrainer.step
+
+    def crash_at_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original_step(self, step)
+
+    monkeypatch.setattr(GRPOTrainer, "step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(GRPOTrainer, "step", original_step)
+    # step 3 was logged but not checkpointed (checkpoint at 2): resume redoes it
+    assert [r["step"] for r in read_metrics(tmp_path / "stopped")] == [0, 1, 2, 3]
+    train(smoke(tmp_path, *AQN, "trainer.resume=true", name="stopped"))
+
+    straight = [deterministic(r) for r in read_metrics(tmp_path / "straight")]
+    resumed = [deterministic(r) for r in read_metrics(tmp_path / "stopped")]
+    assert resumed == straight  # same rewards, losses, mismatch and noise draws
+    a = load_file(tmp_path / "straight/checkpoints/step_4/model.safetensors")
+    b = load_file(tmp_path / "stopped/checkpoints/step_4/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    train(smoke(tmp_path))
+    with pytest.raises(ConfigError, match="config differs in actor_rollout_ref.rollout.n"):
+        GRPOTrainer(smoke(tmp_path, "trainer.resume=true", "actor_rollout_ref.rollout.n=2"))
+
+
+def test_no_targets_fails_before_training(tmp_path):
+    cfg = smoke(tmp_path, *AQN, "trainer.noise_injection.class_patterns=[layernorm]")
+    with pytest.raises(NoTargetsError, match="LlamaRMSNorm x9"):
+        train(cfg)
+    assert read_metrics(tmp_path / "run") == []
+
+
+def test_nan_reward_stops_with_a_clear_message(tmp_path, monkeypatch):
+    cfg = smoke(tmp_path, "trainer.val_before_train=false")
+    trainer = GRPOTrainer(cfg)
+    trainer.reward_fn = lambda response, truth: float("nan")
+    with pytest.raises(TrainingError, match="non-finite reward at step 0"):
+        trainer.fit()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.train_batch_size=3", "actor_rollout_ref.actor.ppo_mini_batch_size=2"],
+     "must be divisible by ppo_mini_batch_size"),
+    (["actor_rollout_ref.actor.ppo_micro_batch_size=5"], "divisible by ppo_micro_batch_size"),
+    (["data.max_train_samples=0"], "'data.max_train_samples': must be > 0"),
+    (["data.train_batch_size=128"], "fewer than one batch"),
+    (["data.max_prompt_length=10"], "more than data.max_prompt_length=10"),
+])
+def test_bad_input(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(smoke(tmp_path, *overrides))
+
+
+def test_presets_validate():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config("tiny", ["trainer.noise_injection.enabled=true"])
+    assert cfg.trainer.noise_injection.total_steps == 100
+    assert cfg.actor_rollout_ref.model.path == "tiny-base"
