@@ -159,3 +159,18 @@ def test_presets_validate():
         cfg = load_config("tiny", ["trainer.noise_injection.enabled=true"])
     assert cfg.trainer.noise_injection.total_steps == 100
     assert cfg.actor_rollout_ref.model.path == "tiny-base"
+
+
+def test_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot write the run directory"):
+        train(smoke(blocker))
+
+
+def test_tensorboard_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(smoke(tmp_path, "trainer.logger=[jsonl,tensorboard]", "trainer.total_training_steps=2",
+                "trainer.save_freq=0"))
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0

@@ -133,6 +133,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir_of(cfg)}")
 
 
+def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
+    from aqn.models.tiny_base import pretrain_tiny
+
+    path = pretrain_tiny(force=args.force)
+    info = json.loads((path / "pretrain.json").read_text())
+    print(f"tiny-base: {path}")
+    print(f"greedy accuracy on {info['settings']['n_eval']} test problems: "
+          f"{info['test_accuracy']:.1%}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aqn", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -158,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_noise_check)
+    p = sub.add_parser("pretrain-tiny",
+                       help="make (or find in the cache) the tiny-base model for RL")
+    p.add_argument("--force", action="store_true", help="train again even if cached")
+    p.set_defaults(func=cmd_pretrain_tiny)
+
     p = sub.add_parser("train", help="GRPO training (AQN on with "
                        "trainer.noise_injection.enabled=true)")
     p.add_argument("config", nargs="?", default="tiny",

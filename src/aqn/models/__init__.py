@@ -12,7 +12,10 @@ from aqn.models.tiny import build_tiny_llama, tiny_llama_config
 from aqn.models.tokenizer import build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BUILTIN = {"tiny": "built-in tiny Llama (4 layers, hidden 128), random weights, char tokenizer"}
+BUILTIN = {
+    "tiny": "built-in tiny Llama (4 layers, hidden 128), random weights, char tokenizer",
+    "tiny-base": "the tiny Llama pretrained on the arith task (made once, then cached)",
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -34,9 +37,13 @@ def build_tiny(seed: int = 0, dtype: str | torch.dtype = "float32", **arch
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
                ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """``tiny`` (built in code) or a local path / hub id of a Hugging Face causal LM."""
+    """A built-in (``tiny``, ``tiny-base``) or a local path / hub id of a HF causal LM."""
     if name == "tiny":
         return build_tiny(seed=seed, dtype=dtype)
+    if name == "tiny-base":
+        from aqn.models.tiny_base import load_tiny_base  # it imports this module
+
+        return load_tiny_base(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(name).exists() and "/" not in name:
