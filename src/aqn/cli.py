@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aqn.errors import ConfigError, NoTargetsError, TrainingError
 
@@ -143,6 +144,33 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
           f"{info['test_accuracy']:.1%}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from aqn.experiments.sweep import load_sweep, out_dir_of, run_sweep
+
+    if bool(args.sweep) == bool(args.preset):
+        raise ConfigError("give a sweep file or --preset NAME (one of them)")
+    spec = load_sweep(args.sweep or args.preset)
+    results = run_sweep(spec, jobs=args.jobs)
+    print(_table(["run", "status"], sorted(results.items())))
+    out = out_dir_of(spec)
+    print(f"sweep directory: {out}")
+    if args.report:
+        _print_report([out], out / "report", None)
+
+
+def _print_report(paths, out_dir, baseline) -> None:
+    from aqn.experiments.report import build_report
+
+    report = build_report(paths, out_dir, baseline=baseline)
+    print(report.headline)
+    print(f"report: {Path(out_dir) / 'report.md'} (and report.html)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
+    _print_report([Path(p) for p in args.paths], out, args.baseline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aqn", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -179,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a YAML file or a preset (smoke, tiny; default: tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.seed=2")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sweep", help="run every (variant, seed) pair of a sweep file")
+    p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
+    p.add_argument("--preset", help="a shipped sweep: demo, quick")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
+    p.add_argument("--report", action="store_true", help="write the report when done")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables, significance and plots from run directories")
+    p.add_argument("paths", nargs="+", help="run or sweep directories")
+    p.add_argument("--out", help="output folder (default: <first path>/report)")
+    p.add_argument("--baseline", help="the variant to compare against (default: baseline)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

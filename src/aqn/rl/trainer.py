@@ -27,6 +27,7 @@ from aqn.config import AQNConfig, config_hash, config_to_dict, dump_config
 from aqn.data import encode_prompts, load_task
 from aqn.errors import ConfigError, TrainingError
 from aqn.hashing import derive_seed
+from aqn.machine import machine_info
 from aqn.models import load_model
 from aqn.noise import NoiseInjector
 from aqn.rewards import get_reward_fn
@@ -185,7 +186,10 @@ class GRPOTrainer:
             if ckpt is not None:
                 self.start_step = load_checkpoint(ckpt, self.policy, self.optimizer)["step"]
                 log.info("resumed from %s", ckpt)
-        truncate_metrics(self.run_dir, self.start_step)
+        # rows after the checkpoint are re-created; from scratch, step 0 is validated again
+        truncate_metrics(self.run_dir, self.start_step if self.start_step else -1)
+        (self.run_dir / "machine.json").write_text(
+            json.dumps(machine_info(arr.model.dtype), indent=1) + "\n")
         self.tracker = Tracker(self.run_dir, t.logger, t.project_name, t.experiment_name,
                                config_to_dict(cfg))
 

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from aqn.config import ConfigError
+from aqn.experiments.sweep import SweepSpec, load_sweep, out_dir_of, run_status, run_sweep
+from aqn.rl.tracking import read_metrics
+from aqn.rl.trainer import GRPOTrainer
+
+
+def quick(tmp_path, **kw) -> SweepSpec:
+    spec = load_sweep("quick")
+    return SweepSpec(**{**spec.__dict__, "out_dir": str(tmp_path / "sweep"), **kw})
+
+
+def test_sweep_runs_every_pair_and_records_the_machine(tmp_path):
+    spec = quick(tmp_path, seeds=(1, 2))
+    results = run_sweep(spec)
+    assert results == {"baseline__seed1": "done", "baseline__seed2": "done",
+                       "AQN-QeRL__seed1": "done", "AQN-QeRL__seed2": "done"}
+    run = out_dir_of(spec) / "AQN-QeRL__seed2"
+    assert json.loads((run / "run.json").read_text()) == {
+        "variant": "AQN-QeRL", "seed": 2, "status": "done", "error": None}
+    machine = json.loads((run / "machine.json").read_text())
+    assert machine["device"] == "cpu" and machine["threads"] >= 1 and machine["torch"]
+    assert "aqn/sigma" in read_metrics(run)[-1]
+    assert run_sweep(spec) == {k: "skipped" for k in results}
+
+
+def test_sweep_resumes_a_killed_run_and_survives_a_failed_one(tmp_path, monkeypatch):
+    spec = quick(tmp_path, variants={
+        "baseline": (), "broken": ("trainer.noise_injection.enabled=true",
+                                   "trainer.noise_injection.class_patterns=[layernorm]"),
+        "AQN-QeRL": ("trainer.noise_injection.enabled=true",)})
+    original = GRPOTrainer.step
+
+    def killed_in_aqn(self, step):
+        if self.cfg.trainer.noise_injection.enabled and step == 1:
+            raise KeyboardInterrupt  # the machine went away mid-run
+        return original(self, step)
+
+    monkeypatch.setattr(GRPOTrainer, "step", killed_in_aqn)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec)
+    out = out_dir_of(spec)
+    assert run_status(out / "baseline__seed1") == "done"
+    assert run_status(out / "broken__seed1") == "failed"
+    assert "LlamaRMSNorm x9" in json.loads((out / "broken__seed1/run.json").read_text())["error"]
+    assert run_status(out / "AQN-QeRL__seed1") == "running"
+
+    monkeypatch.setattr(GRPOTrainer, "step", original)
+    assert run_sweep(spec) == {"baseline__seed1": "skipped", "broken__seed1": "failed",
+                               "AQN-QeRL__seed1": "done"}
+    steps = [r["step"] for r in read_metrics(out / "AQN-QeRL__seed1")]
+    assert steps == [0, 1, 2]  # resumed from the step-1 checkpoint, nothing logged twice
+
+
+def test_bad_sweep_files(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: x\nseeds: []\n")
+    with pytest.raises(ConfigError, match="'seeds': must list at least one seed"):
+        load_sweep(f)
+    f.write_text("name: x\nvariants:\n  a: [trainer.sed=1]\n")
+    with pytest.raises(ConfigError, match="did you mean 'seed'"):
+        run_sweep(load_sweep(f))
+    with pytest.raises(ConfigError, match="presets: "):
+        load_sweep("no-such-sweep")
