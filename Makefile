@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,plot]"
+	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
 
+# The main job: the tiny base (made once, then cached), a sweep of baseline / AQN-QeRL /
+# AQN-Mild x 2 seeds on the built-in arith task, and its report (runs/sweeps/demo/report).
 demo: setup
-	$(AQN) schedule --preset qerl --total-steps 233
-	$(AQN) inspect --model tiny
-	$(AQN) noise-check --model tiny --dtype bfloat16 --preset qerl --total-steps 233
+	$(AQN) pretrain-tiny
+	$(AQN) sweep --preset demo --jobs 2 --report
 
 test: setup
 	$(PY) -m pytest -q

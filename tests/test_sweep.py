@@ -65,3 +65,17 @@ def test_bad_sweep_files(tmp_path):
         run_sweep(load_sweep(f))
     with pytest.raises(ConfigError, match="presets: "):
         load_sweep("no-such-sweep")
+
+
+def test_cli_sweep_with_report(tmp_path, monkeypatch, capsys):
+    from aqn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--preset", "quick", "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "| variant |" in out and "AQN-QeRL" in out
+    report = tmp_path / "runs/sweeps/quick/report"
+    assert (report / "report.md").exists() and (report / "accuracy.png").exists()
+    assert main(["report", "runs/sweeps/quick", "--out", "again"]) == 0
+    assert (tmp_path / "again" / "report.html").exists()
+    assert main(["sweep"]) == 2

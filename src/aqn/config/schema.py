@@ -27,7 +27,9 @@ class DataConfig:
     train_batch_size: int = 16
     max_prompt_length: int = 256  # longer prompts are an error, never silently cut
     max_response_length: int = 64  # max new tokens per completion
-    seed: int | None = None  # data order and subsets; null takes trainer.seed
+    # Which problems (arith) or which subset (gsm8k). Fixed, not trainer.seed, so that runs of
+    # every seed and variant are evaluated on the same items (paired statistics).
+    seed: int = 0
     shuffle: bool = True
 
     def __post_init__(self) -> None:
@@ -173,7 +175,7 @@ def resolve(cfg: AQNConfig) -> AQNConfig:
             noise.schedule()  # fail now, not at step 0 of a long run
         except ConfigError as e:
             raise e.under("trainer.noise_injection") from None
-    data = cfg.data if cfg.data.seed is not None else replace(cfg.data, seed=t.seed)
+    data = cfg.data
     actor = cfg.actor_rollout_ref.actor
     mini = actor.ppo_mini_batch_size or data.train_batch_size
     if data.train_batch_size % mini:

@@ -130,8 +130,10 @@ def seed_test(a_by_seed: dict[int, float], b_by_seed: dict[int, float]) -> SeedT
     """Paired t-test of b - a over the seeds both dicts have (seed -> accuracy).
 
     Needs at least 2 paired seeds (else p_value is None, method "n/a"). When every
-    difference is equal the t statistic is undefined: p is 0 if that difference is
-    non-zero, else 1, and ``method`` says so.
+    difference is the same (up to float rounding; common with 2 seeds, since accuracies
+    on N items move in steps of 1/N) there is no estimate of the seed variance at all:
+    p_value is None and ``method`` says so, rather than a t-test on rounding noise
+    returning p ~ 1e-16.
     """
     seeds = sorted(set(a_by_seed) & set(b_by_seed))
     diffs = np.array([b_by_seed[s] - a_by_seed[s] for s in seeds], dtype=float)
@@ -139,11 +141,9 @@ def seed_test(a_by_seed: dict[int, float], b_by_seed: dict[int, float]) -> SeedT
     mean = float(diffs.mean()) if n else None
     if n < 2:
         return SeedTestResult(n, mean, None, None, None, "n/a")
-    if np.all(diffs == diffs[0]):
-        p_value = 0.0 if mean != 0 else 1.0
-        return SeedTestResult(
-            n, mean, mean, mean, p_value, "paired t-test (zero variance of differences)"
-        )
+    if np.allclose(diffs, diffs[0], rtol=0.0, atol=1e-9):
+        return SeedTestResult(n, mean, None, None, None,
+                              "undetermined: the same difference in every seed (zero variance)")
     a = np.array([a_by_seed[s] for s in seeds])
     b = np.array([b_by_seed[s] for s in seeds])
     p_value = float(sps.ttest_rel(b, a).pvalue)

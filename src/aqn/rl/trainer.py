@@ -179,7 +179,7 @@ class GRPOTrainer:
                                            betas=tuple(optim.betas), eps=optim.eps,
                                            weight_decay=optim.weight_decay)
         self.sampler = PromptSampler(len(self.train_records), cfg.data.train_batch_size,
-                                     cfg.data.seed, cfg.data.shuffle)
+                                     t.seed, cfg.data.shuffle)
         self.start_step = 0
         if t.resume:
             ckpt = latest_checkpoint(self.run_dir)

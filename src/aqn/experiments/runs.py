@@ -1,0 +1,178 @@
+"""Loading run directories written by ``aqn train`` (and the sweep runner) for the report."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_VAL_FILE = re.compile(r"step_(\d+)\.jsonl")
+_VAL_PREFIX, _VAL_SUFFIX = "val-core/", "/reward/mean@1"
+
+
+class RunLoadError(ValueError):
+    """A path holds no run directory, or a run file cannot be read."""
+
+
+@dataclass
+class RunData:
+    """Everything the report needs from one run directory."""
+
+    path: Path
+    variant: str
+    seed: int
+    status: str  # "done" | "failed" | "running" from run.json; "unknown" without it
+    error: str | None
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    val: dict[int, list[dict[str, Any]]]  # validation step -> per-item results
+    machine: dict[str, Any]  # machine.json, {} when missing
+    data_source: str | None
+    accuracy: dict[int, float] = field(default_factory=dict)  # validation step -> accuracy
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/seed{self.seed}"
+
+    @property
+    def aqn_enabled(self) -> bool:
+        return bool(self.setting("trainer.noise_injection.enabled", False))
+
+    def setting(self, dotted: str, default: Any = None) -> Any:
+        """A config value by dotted key, e.g. "trainer.noise_injection.preset"."""
+        return _get(self.config, dotted, default)
+
+    @property
+    def final_step(self) -> int | None:
+        return max(self.accuracy) if self.accuracy else None
+
+    def series(self, key: str) -> dict[int, float]:
+        """step -> value of ``key`` over the metric rows that have a non-null value."""
+        return {
+            int(row["step"]): float(row[key])
+            for row in self.metrics
+            if row.get(key) is not None
+        }
+
+    def training_rows(self) -> list[dict[str, Any]]:
+        """Metric rows of optimizer steps (step 0 holds only the pre-training validation)."""
+        return [row for row in self.metrics if row["step"] >= 1]
+
+
+def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; [] when it is missing (a run that failed early)."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RunLoadError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
+            if not isinstance(row, dict):
+                raise RunLoadError(f"{path}:{lineno}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunLoadError(f"{path}: malformed JSON: {e.msg}") from e
+
+
+def _data_source(metrics: list[dict[str, Any]]) -> str | None:
+    sources = sorted(
+        {
+            key[len(_VAL_PREFIX) : -len(_VAL_SUFFIX)]
+            for row in metrics
+            for key in row
+            if key.startswith(_VAL_PREFIX) and key.endswith(_VAL_SUFFIX)
+        }
+    )
+    return sources[0] if sources else None
+
+
+def load_run(path: str | Path) -> RunData:
+    """Load one run directory (it must hold a config.yaml)."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RunLoadError(f"{path / 'config.yaml'}: malformed YAML: {e}") from e
+    metrics = _read_jsonl(path / "metrics.jsonl")
+    for row in metrics:
+        if "step" not in row:
+            raise RunLoadError(f"{path / 'metrics.jsonl'}: a row has no 'step'")
+    val = {}
+    if (path / "val").is_dir():
+        for f in (path / "val").iterdir():
+            m = _VAL_FILE.fullmatch(f.name)
+            if m:
+                val[int(m.group(1))] = _read_jsonl(f)
+    run_info = _read_json(path / "run.json")
+    data_source = _data_source(metrics)
+    run = RunData(
+        path=path,
+        variant=str(run_info.get("variant") or _get(config, "trainer.experiment_name", path.name)),
+        seed=int(run_info.get("seed", _get(config, "trainer.seed", 0))),
+        status=run_info.get("status", "unknown"),
+        error=run_info.get("error"),
+        config=config,
+        metrics=metrics,
+        val=dict(sorted(val.items())),
+        machine=_read_json(path / "machine.json"),
+        data_source=data_source,
+    )
+    if data_source is not None:
+        run.accuracy = run.series(f"{_VAL_PREFIX}{data_source}{_VAL_SUFFIX}")
+    # Steps whose per-item file exists but whose metric row is missing (a run cut off
+    # between writing the two) still count, scored the same way as the metric.
+    for step, items in run.val.items():
+        if step not in run.accuracy and items:
+            run.accuracy[step] = sum(float(it["score"]) for it in items) / len(items)
+    run.accuracy = dict(sorted(run.accuracy.items()))
+    return run
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[RunData]:
+    """Load every run under ``paths``, sorted by (variant, seed, path).
+
+    A path holding a config.yaml is a run; otherwise each immediate subdirectory holding
+    one is (a sweep directory). A path given twice is loaded once.
+    """
+    run_dirs: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise RunLoadError(f"{p}: not a directory")
+        found = [p] if (p / "config.yaml").is_file() else sorted(
+            d for d in p.iterdir() if d.is_dir() and (d / "config.yaml").is_file()
+        )
+        if not found:
+            raise RunLoadError(
+                f"{p}: no run found (no config.yaml in it or in its immediate subdirectories)"
+            )
+        run_dirs.extend(found)
+    unique = list(dict.fromkeys(d.resolve() for d in run_dirs))
+    runs = [load_run(d) for d in unique]
+    return sorted(runs, key=lambda r: (r.variant, r.seed, str(r.path)))
