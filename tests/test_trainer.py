@@ -174,3 +174,31 @@ def test_tensorboard_logger(tmp_path):
                 "trainer.save_freq=0"))
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_any_hugging_face_model_by_local_path(tmp_path):
+    from aqn.models import build_tiny
+
+    model, tokenizer = build_tiny(seed=3)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    final = train(smoke(tmp_path, f"actor_rollout_ref.model.path={tmp_path / 'hf'}",
+                        "trainer.total_training_steps=1", "trainer.save_freq=0"))
+    assert "val-core/arith/reward/mean@1" in final and "actor/entropy" in final
+
+
+def test_validation_is_clean_unless_asked(tmp_path, monkeypatch):
+    calls = []
+    original = GRPOTrainer.validate
+
+    def spy(self, step):
+        result = original(self, step)
+        calls.append(self.engine.perturbed_step)
+        return result
+
+    monkeypatch.setattr(GRPOTrainer, "validate", spy)
+    train(smoke(tmp_path, *AQN, name="clean"))
+    assert calls == [None, None, None]  # steps 0, 2, 4 validated on clean weights
+    calls.clear()
+    train(smoke(tmp_path, *AQN, "trainer.validate_with_perturbation=true", name="noisy"))
+    assert calls == [0, 2, 4]

@@ -8,11 +8,12 @@ class DataError(ValueError):
     """A dataset file is empty or has a malformed or incomplete row."""
 
 
-def load_jsonl(path: str | Path, required_keys: tuple[str, ...] = ()) -> list[dict]:
+def load_jsonl(path: str | Path, required_keys: tuple[str, ...] = (),
+               allow_empty: bool = False) -> list[dict]:
     """Read one JSON object per line, skipping blank lines.
 
     Raises DataError on a line that is not a JSON object, a row missing one of
-    `required_keys`, or a file with no rows.
+    `required_keys`, or (unless `allow_empty`) a file with no rows.
     """
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -31,6 +32,6 @@ def load_jsonl(path: str | Path, required_keys: tuple[str, ...] = ()) -> list[di
                 if key not in row:
                     raise DataError(f"{path}:{lineno}: missing required key {key!r}")
             rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         raise DataError(f"{path}: dataset is empty")
     return rows

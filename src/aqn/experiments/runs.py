@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from aqn.data.jsonl import load_jsonl
+
 _VAL_FILE = re.compile(r"step_(\d+)\.jsonl")
 _VAL_PREFIX, _VAL_SUFFIX = "val-core/", "/reward/mean@1"
 
@@ -75,21 +77,7 @@ def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; [] when it is missing (a run that failed early)."""
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RunLoadError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
-            if not isinstance(row, dict):
-                raise RunLoadError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(row)
-    return rows
+    return load_jsonl(path, allow_empty=True) if path.exists() else []
 
 
 def _read_json(path: Path) -> dict[str, Any]:
