@@ -190,8 +190,9 @@ def test_aqn_without_metrics_is_flagged(tmp_path):
 def test_sigma_schedule_from_metrics(report):
     md = report.markdown
     section = md[md.index("### aqn"):md.index("### tiny")]
-    assert "| 0 | 1 | 0 | 0 | 0 |" in section
-    assert "| 1 | 6 | 0.01 | 0.01 | 1 |" in section
+    # schedule steps are 0-based: the metrics row of step s is logged as s + 1
+    assert "| 0 | 0 | 0 | 0 | 0 |" in section
+    assert "| 1 | 5 | 0.01 | 0.01 | 1 |" in section
 
 
 def test_failed_run_listed(report):

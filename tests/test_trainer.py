@@ -202,3 +202,41 @@ def test_validation_is_clean_unless_asked(tmp_path, monkeypatch):
     calls.clear()
     train(smoke(tmp_path, *AQN, "trainer.validate_with_perturbation=true", name="noisy"))
     assert calls == [0, 2, 4]
+
+
+def test_micro_batch_size_does_not_change_the_update(tmp_path):
+    """The gradient of a mini-batch is the same whatever the micro-batch split."""
+    grads = {}
+    for micro in (16, 4):
+        cfg = smoke(tmp_path, f"actor_rollout_ref.actor.ppo_micro_batch_size={micro}",
+                    "actor_rollout_ref.actor.grad_clip=1e9", "trainer.val_before_train=false",
+                    name=f"m{micro}")
+        trainer = GRPOTrainer(cfg)
+        captured = []
+        original = trainer.optimizer.step
+        trainer.optimizer.step = lambda: (captured.append(
+            torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]).clone()),
+            original())
+        trainer.step(0)
+        grads[micro] = captured[0]
+    assert torch.allclose(grads[16], grads[4], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("actor_rollout_ref.actor.ppo_mini_batch_size=-4", "'actor_rollout_ref.actor.ppo_mini_batch"),
+    ("actor_rollout_ref.actor.grad_clip=0", "'actor_rollout_ref.actor.grad_clip': must be > 0"),
+    ("actor_rollout_ref.actor.optim.lr=.nan", "'actor_rollout_ref.actor.optim.lr': must be"),
+    ("actor_rollout_ref.actor.optim.betas=[0.9]", "must be two numbers"),
+])
+def test_silently_wrong_optimizer_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", [override])
+
+
+def test_a_half_written_checkpoint_is_ignored(tmp_path):
+    from aqn.rl.checkpoint import latest_checkpoint
+
+    for name in ("step_2", "step_4.tmp"):  # a crash while saving step 4
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "step_2"

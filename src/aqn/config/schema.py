@@ -6,6 +6,7 @@ on other sections (AQN's schedule length and seed) once, before anything is buil
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -55,6 +56,12 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warm-up, then constant
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError(f"must be a finite number >= 0, got {self.lr}", "lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"must be two numbers in [0, 1), got {list(self.betas)}", "betas")
+
 
 @dataclass(frozen=True)
 class ActorConfig:
@@ -75,6 +82,11 @@ class ActorConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.ppo_mini_batch_size is not None and self.ppo_mini_batch_size <= 0:
+            raise ConfigError(f"must be > 0 (or null: the whole batch), got "
+                              f"{self.ppo_mini_batch_size}", "ppo_mini_batch_size")
+        if not self.grad_clip > 0:
+            raise ConfigError(f"must be > 0, got {self.grad_clip}", "grad_clip")
         if self.clip_ratio_c <= 1.0:
             raise ConfigError(f"must be > 1, got {self.clip_ratio_c}", "clip_ratio_c")
         for name in ("ppo_micro_batch_size", "ppo_epochs"):

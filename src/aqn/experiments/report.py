@@ -602,7 +602,8 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
                     continue
                 st = stages.setdefault(int(row["aqn/stage"]), {"step": [], "sigma": [],
                                                                 "eff": [], "frac": []})
-                st["step"].append(row["step"])
+                # the schedule's step (0-based); a metrics row is logged as that step + 1
+                st["step"].append(int(row.get("aqn/step", row["step"] - 1)))
                 for name, key in (("sigma", "aqn/sigma"), ("eff", "aqn/effective_std"),
                                   ("frac", "aqn/frac_changed")):
                     if row.get(key) is not None:
@@ -612,7 +613,8 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
             blocks.append(_Text("No aqn/* metrics recorded."))
             continue
         blocks.append(_Table(
-            ["stage", "from step", "sigma", "mean effective std", "mean frac changed"],
+            ["stage", "from schedule step", "sigma", "mean effective std",
+             "mean frac changed"],
             [[str(k), str(min(st["step"])), _num(_mean(st["sigma"])), _num(_mean(st["eff"])),
               _num(_mean(st["frac"]))] for k, st in sorted(stages.items())],
         ))

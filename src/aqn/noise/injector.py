@@ -54,6 +54,7 @@ class NoiseReport:
 
     def metrics(self) -> dict[str, float]:
         return {
+            "aqn/step": float(self.step),  # the schedule's step: metrics row step - 1
             "aqn/sigma": self.sigma,
             "aqn/stage": float(self.stage),
             "aqn/num_modules": float(self.num_modules),

@@ -23,7 +23,9 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     root = run_dir / "checkpoints"
-    done = [p for p in root.glob("step_*") if (p / STATE_FILE).exists()] if root.exists() else []
+    # a step_N.tmp left by a crash while saving is not a checkpoint
+    done = [p for p in root.glob("step_*") if p.name.removeprefix("step_").isdigit()
+            and (p / STATE_FILE).exists()] if root.exists() else []
     return max(done, key=lambda p: int(p.name.removeprefix("step_")), default=None)
 
 

@@ -188,6 +188,9 @@ class GRPOTrainer:
                 log.info("resumed from %s", ckpt)
         # rows after the checkpoint are re-created; from scratch, step 0 is validated again
         truncate_metrics(self.run_dir, self.start_step if self.start_step else -1)
+        for stale in (self.run_dir / "val").glob("step_*.jsonl"):
+            if int(stale.stem.removeprefix("step_")) > self.start_step:
+                stale.unlink()  # re-created by the resumed run
         (self.run_dir / "machine.json").write_text(
             json.dumps(machine_info(arr.model.dtype), indent=1) + "\n")
         self.tracker = Tracker(self.run_dir, t.logger, t.project_name, t.experiment_name,
@@ -321,7 +324,10 @@ class GRPOTrainer:
                         raise TrainingError(
                             f"non-finite loss at step {step}; the last checkpoint in "
                             f"{self.run_dir / 'checkpoints'} is intact")
-                    (loss * (mask.shape[0] / mini)).backward()
+                    # weight each micro-batch so the sum over them equals the mini-batch's
+                    # aggregate, whatever the micro-batch size
+                    (loss * _micro_weight(actor.loss_agg_mode, mask,
+                                          batch.response_mask[start:start + mini])).backward()
                     for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
                         sums.setdefault(f"actor/{key}", []).append(pl[key].detach().item())
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
@@ -341,8 +347,11 @@ class GRPOTrainer:
         """Greedy on the validation split, on clean weights unless asked otherwise."""
         t, val = self.cfg.trainer, self.cfg.actor_rollout_ref.rollout.val_kwargs
         self.engine.sync_weights(self.policy)
+        extra: dict[str, float] = {}
         if t.validate_with_perturbation:
-            self.engine.perturb(step)
+            extra = {f"val-aux/{k}": v for k, v in self.engine.perturb(step).items()}
+        else:
+            self.engine.clear_perturbations()  # clean even if a sync left a norm noisy
         params = SamplingParams(max_new_tokens=self.cfg.data.max_response_length, n=val.n,
                                 temperature=val.temperature, do_sample=val.do_sample)
         batch = self.engine.generate(self.val_prompts, params,
@@ -361,7 +370,7 @@ class GRPOTrainer:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         source = self.data_source
         acc = sum(r["score"] for r in rows) / len(rows)
-        return {f"val-core/{source}/reward/mean@{val.n}": acc}
+        return {f"val-core/{source}/reward/mean@{val.n}": acc, **extra}
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -374,7 +383,7 @@ class GRPOTrainer:
         bar = tqdm(range(self.start_step, t.total_training_steps), initial=self.start_step,
                    total=t.total_training_steps, disable=not t.progress_bar, desc="GRPO",
                    dynamic_ncols=True)
-        val_key = f"val-core/{self.data_source}/reward/mean@1"
+        val_key = f"val-core/{self.data_source}/reward/mean@{cfg_val_n(self.cfg)}"
         for step in bar:
             metrics = self.step(step)
             done = step + 1
@@ -394,6 +403,18 @@ class GRPOTrainer:
                             sigma=f"{metrics.get('aqn/sigma', 0):.2g}")
         self.tracker.close()
         return last
+
+
+def cfg_val_n(cfg: AQNConfig) -> int:
+    return cfg.actor_rollout_ref.rollout.val_kwargs.n
+
+
+def _micro_weight(mode: str, micro_mask: Tensor, mini_mask: Tensor) -> float:
+    if mode == "token-mean":
+        return micro_mask.sum().item() / max(1.0, mini_mask.sum().item())
+    if mode == "seq-mean-token-sum-norm":
+        return 1.0  # a sum over sequences divided by a constant: micro losses just add up
+    return micro_mask.shape[0] / mini_mask.shape[0]
 
 
 def _stop_ids(tokenizer, model) -> list[int]:
