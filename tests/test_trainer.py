@@ -213,10 +213,12 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path):
                     name=f"m{micro}")
         trainer = GRPOTrainer(cfg)
         captured = []
-        original = trainer.optimizer.step
-        trainer.optimizer.step = lambda: (captured.append(
-            torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]).clone()),
-            original())
+
+        def grab_then_step(trainer=trainer, captured=captured, step=trainer.optimizer.step):
+            captured.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]))
+            step()
+
+        trainer.optimizer.step = grab_then_step
         trainer.step(0)
         grads[micro] = captured[0]
     assert torch.allclose(grads[16], grads[4], rtol=1e-4, atol=1e-7)
