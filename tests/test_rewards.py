@@ -6,7 +6,8 @@ import pytest
 from aqn.rewards import get_reward_fn
 from aqn.rewards.gsm8k import compute_score, extract_solution
 
-GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
+# ../shared beside the checkout (as on the dev machines and in CI)
+GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def test_strict_takes_last_match():
