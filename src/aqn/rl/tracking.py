@@ -8,6 +8,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from aqn.data.jsonl import load_jsonl
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -15,9 +17,7 @@ METRICS_FILE = "metrics.jsonl"
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return load_jsonl(path, allow_empty=True) if path.exists() else []
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:

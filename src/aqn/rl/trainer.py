@@ -35,7 +35,13 @@ from aqn.rewards.gsm8k import extract_solution
 from aqn.rl import core_algos as algos
 from aqn.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from aqn.rl.tracking import Tracker, truncate_metrics
-from aqn.rollout.engine import NoisePerturbation, RolloutBatch, RolloutEngine, SamplingParams
+from aqn.rollout.engine import (
+    NoisePerturbation,
+    RolloutBatch,
+    RolloutEngine,
+    SamplingParams,
+    score_batch,
+)
 from aqn.rollout.forward import ResponseScores, response_scores
 
 log = logging.getLogger(__name__)
@@ -266,21 +272,10 @@ class GRPOTrainer:
         })
         return metrics
 
-    def score(self, model, batch: RolloutBatch, with_entropy: bool = False):
-        """Log-probs (and entropy) of a rollout batch under a trainer-side model, in the same
-        micro-batches as the engine scores it, so unperturbed copies agree to the bit."""
-        size = self.engine.micro_batch_size
-        parts = []
-        with torch.no_grad():
-            for i in range(0, batch.input_ids.shape[0], size):
-                sl = slice(i, i + size)
-                parts.append(response_scores(model, batch.input_ids[sl], batch.attention_mask[sl],
-                                             batch.response_length,
-                                             self.cfg.actor_rollout_ref.rollout.temperature,
-                                             with_entropy))
-        log_probs = torch.cat([p.log_probs for p in parts]) * batch.response_mask
-        entropy = torch.cat([p.entropy for p in parts]) if with_entropy else None
-        return ResponseScores(log_probs, entropy)
+    def score(self, model, batch: RolloutBatch, with_entropy: bool = False) -> ResponseScores:
+        """Scores a rollout batch under a trainer-side model exactly as the engine does."""
+        return score_batch(model, batch, self.cfg.actor_rollout_ref.rollout.temperature,
+                           self.engine.micro_batch_size, with_entropy)
 
     def update(self, step: int, batch: RolloutBatch, old_log_probs: Tensor,
                ref_log_probs: Tensor | None, advantages: Tensor,
@@ -383,7 +378,8 @@ class GRPOTrainer:
         bar = tqdm(range(self.start_step, t.total_training_steps), initial=self.start_step,
                    total=t.total_training_steps, disable=not t.progress_bar, desc="GRPO",
                    dynamic_ncols=True)
-        val_key = f"val-core/{self.data_source}/reward/mean@{cfg_val_n(self.cfg)}"
+        val_n = self.cfg.actor_rollout_ref.rollout.val_kwargs.n
+        val_key = f"val-core/{self.data_source}/reward/mean@{val_n}"
         for step in bar:
             metrics = self.step(step)
             done = step + 1
@@ -403,10 +399,6 @@ class GRPOTrainer:
                             sigma=f"{metrics.get('aqn/sigma', 0):.2g}")
         self.tracker.close()
         return last
-
-
-def cfg_val_n(cfg: AQNConfig) -> int:
-    return cfg.actor_rollout_ref.rollout.val_kwargs.n
 
 
 def _micro_weight(mode: str, micro_mask: Tensor, mini_mask: Tensor) -> float:

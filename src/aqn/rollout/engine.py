@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from aqn.noise import NoiseInjector, NoiseReport
 from aqn.rl.core_algos import log_probs_from_logits
-from aqn.rollout.forward import cache_kwarg, position_ids, response_scores
+from aqn.rollout.forward import ResponseScores, cache_kwarg, position_ids, response_scores
 
 
 class Perturbation(Protocol):
@@ -112,6 +112,22 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, T
     return ids, mask
 
 
+@torch.no_grad()
+def score_batch(model: nn.Module, batch: RolloutBatch, temperature: float,
+                micro_batch_size: int, with_entropy: bool = False) -> ResponseScores:
+    """Response log-probs (and entropy) of a rollout batch under ``model``, masked. The engine
+    and the trainer both score through here, in the same micro-batches, so copies with the
+    same weights agree to the bit."""
+    parts = []
+    for i in range(0, batch.input_ids.shape[0], micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        parts.append(response_scores(model, batch.input_ids[sl], batch.attention_mask[sl],
+                                     batch.response_length, temperature, with_entropy))
+    log_probs = torch.cat([p.log_probs for p in parts]) * batch.response_mask
+    entropy = torch.cat([p.entropy for p in parts]) if with_entropy else None
+    return ResponseScores(log_probs, entropy)
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -182,15 +198,9 @@ class RolloutEngine:
             batch.rollout_log_probs = self.score(batch, params.temperature)
         return batch
 
-    @torch.no_grad()
     def score(self, batch: RolloutBatch, temperature: float) -> Tensor:
         """Log-probs of the batch's responses under the engine, in one full forward pass."""
-        out = []
-        for i in range(0, batch.input_ids.shape[0], self.micro_batch_size):
-            sl = slice(i, i + self.micro_batch_size)
-            out.append(response_scores(self.model, batch.input_ids[sl], batch.attention_mask[sl],
-                                       batch.response_length, temperature).log_probs)
-        return torch.cat(out) * batch.response_mask
+        return score_batch(self.model, batch, temperature, self.micro_batch_size).log_probs
 
     def _generate_chunk(self, prompts, params: SamplingParams, gen: torch.Generator):
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
