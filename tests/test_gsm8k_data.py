@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from aqn.data import DataError, encode_prompts, load_task
-from aqn.data.gsm8k import INSTRUCTION, ground_truth, load_gsm8k
+from aqn.data.gsm8k import ground_truth, load_gsm8k
+from aqn.data.prompts import VERL_INSTRUCTION as INSTRUCTION
 from aqn.models import build_tiny
 from aqn.rewards import get_reward_fn
 

@@ -21,3 +21,7 @@ class NoTargetsError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or reward); the last checkpoint is intact."""
+
+
+class ModelUnavailableError(RuntimeError):
+    """A named model cannot be loaded here; the message says how to get it."""

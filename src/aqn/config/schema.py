@@ -32,6 +32,9 @@ class DataConfig:
     # every seed and variant are evaluated on the same items (paired statistics).
     seed: int = 0
     shuffle: bool = True
+    # "plain" (the question), "verl" (+ answer after "####"), "qerl" (<think>/<answer> tags
+    # and QeRL's 2.0 + 0.2 reward); null: the source's default (arith plain, gsm8k verl).
+    prompt_style: Literal["plain", "verl", "qerl"] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_val_samples", "train_batch_size",
@@ -46,6 +49,8 @@ class ModelConfig:
     # cached), or a local path / hub id of a Hugging Face causal LM.
     path: str = "tiny-base"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Recompute activations in the backward pass of the trainer copy: less memory, ~30 % slower.
+    enable_gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,32 @@ class OptimConfig:
             raise ConfigError(f"must be two numbers in [0, 1), got {list(self.betas)}", "betas")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    # 0: full fine-tuning. QeRL trains rank 16-32 adapters with alpha = rank.
+    rank: int = 0
+    alpha: float | None = None  # null: equal to rank (QeRL)
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    # Train the RMSNorm weights too (QeRL does); the AQN clean copy follows them every sync.
+    trainable_norms: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"must be >= 0 (0: no LoRA), got {self.rank}", "rank")
+        if self.rank and not self.target_modules:
+            raise ConfigError("must name at least one module", "target_modules")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.dropout}", "dropout")
+
+
 @dataclass(frozen=True)
 class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # Prompts per optimizer step (verl counts mini-batches in prompts); null = the whole batch.
     ppo_mini_batch_size: int | None = None
     ppo_micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation)

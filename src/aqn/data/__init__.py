@@ -7,18 +7,29 @@ from collections.abc import Sequence
 from aqn.data.arith import make_split
 from aqn.data.gsm8k import load_gsm8k
 from aqn.data.jsonl import DataError
+from aqn.data.prompts import DEFAULT_STYLE, build_prompt
 
 SOURCES = ("arith", "gsm8k")
 
 
 def load_task(source: str, max_train_samples: int | None, max_val_samples: int | None,
-              seed: int, difficulty: Sequence[int] = (1, 2, 3), path: str | None = None
-              ) -> tuple[list[dict], list[dict]]:
+              seed: int, difficulty: Sequence[int] = (1, 2, 3), path: str | None = None,
+              prompt_style: str | None = None) -> tuple[list[dict], list[dict]]:
     """(train, validation) records of a task; validation never overlaps training.
 
     arith: that many generated problems per split. gsm8k: the files under ``path``, or a
-    seeded subset of that many rows.
+    seeded subset of that many rows. ``prompt_style`` (null: the source's default) decides
+    the chat messages of each record.
     """
+    train, val = _load_source(source, max_train_samples, max_val_samples, seed, difficulty,
+                              path)
+    style = prompt_style or DEFAULT_STYLE[source]
+    for record in train + val:
+        record["prompt"] = build_prompt(record["question"], style)
+    return train, val
+
+
+def _load_source(source, max_train_samples, max_val_samples, seed, difficulty, path):
     if source == "arith":
         if max_train_samples is None or max_val_samples is None:
             raise DataError("the arith task needs data.max_train_samples and "

