@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aqn.errors import ConfigError, NoTargetsError, TrainingError
+from aqn.errors import ConfigError, ModelUnavailableError, NoTargetsError, TrainingError
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -134,6 +134,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir_of(cfg)}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from aqn.config import load_config
+    from aqn.rl.trainer import GRPOTrainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = GRPOTrainer(cfg)
+    metrics = trainer.validate(0)
+    print(json.dumps(metrics, indent=1))
+    print(f"per-item results: {trainer.run_dir / 'val' / 'step_0.jsonl'}")
+
+
 def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     from aqn.models.tiny_base import pretrain_tiny
 
@@ -207,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a YAML file or a preset (smoke, tiny; default: tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.seed=2")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="validation only: greedy accuracy of the config's "
+                       "model on its validation split (no training)")
+    p.add_argument("config", help="a YAML file or a preset")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("sweep", help="run every (variant, seed) pair of a sweep file")
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
     p.add_argument("--preset", help="a shipped sweep: demo, quick")
@@ -228,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ConfigError, NoTargetsError, TrainingError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, NoTargetsError, TrainingError, ModelUnavailableError, ValueError,
+            FileNotFoundError) as e:
         print(f"aqn {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -10,6 +10,7 @@ from aqn.config.loader import build, deep_merge, parse_override, read_yaml, set_
 from aqn.config.schema import AQNConfig, resolve
 from aqn.errors import ConfigError
 from aqn.hashing import config_hash, to_plain
+from aqn.noise.schedule import PRESETS
 
 
 def preset_names() -> list[str]:
@@ -24,15 +25,34 @@ def preset_path(name: str) -> Path:
     return path
 
 
+# Shorthand overrides: `aqn=<preset>` turns AQN on with a schedule preset, `aqn=off` off.
+AQN_SHORTHAND = (*PRESETS, "off")
+
+
+def expand_shorthand(text: str) -> list[str]:
+    """``aqn=mild`` -> the two dotted overrides it stands for; other overrides unchanged."""
+    key, _, value = text.partition("=")
+    if key.strip() != "aqn":
+        return [text]
+    value = value.strip()
+    if value not in AQN_SHORTHAND:
+        raise ConfigError(f"override {text!r}: aqn= takes one of {', '.join(AQN_SHORTHAND)}",
+                          "aqn")
+    if value == "off":
+        return ["trainer.noise_injection.enabled=false"]
+    return ["trainer.noise_injection.enabled=true", f"trainer.noise_injection.preset={value}"]
+
+
 def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> AQNConfig:
-    """A resolved, frozen config from a YAML file or preset name plus dotted overrides."""
+    """A resolved, frozen config from a YAML file or preset name plus dotted overrides
+    (``aqn=qerl|mild|strong|small|off`` is shorthand for the AQN switch and preset)."""
     data: dict = {}
     if source is not None:
         path = Path(source)
         if not path.exists() and not str(source).endswith((".yaml", ".yml")):
             path = preset_path(str(source))
         data = read_yaml(path)
-    for text in overrides:
+    for text in (t for given in overrides for t in expand_shorthand(given)):
         key, value = parse_override(text)
         set_dotted(data, key, value)
     return resolve(build(AQNConfig, data))

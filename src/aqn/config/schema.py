@@ -178,6 +178,9 @@ class TrainerConfig:
     experiment_name: str = "default"
     # Seeds model init, data order, sampling and (unless set there) the AQN noise.
     seed: int = 1
+    # "cpu", "cuda", or "auto" (cuda when available). Runs are bit-repeatable on CPU; on a GPU
+    # only up to its kernels' own non-determinism.
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Optimizer steps; also the length of the AQN schedule unless it sets its own.
     total_training_steps: int = 100
     test_freq: int = 20  # validate every N steps (and at the end); <= 0: only at the end

@@ -72,3 +72,12 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (transformers renamed the method)."""
+    kwargs = {"use_reentrant": False}  # works with frozen inputs (LoRA) without extra hooks
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

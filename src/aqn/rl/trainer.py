@@ -28,7 +28,7 @@ from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
 from aqn.errors import ConfigError, TrainingError
 from aqn.hashing import derive_seed
 from aqn.machine import machine_info
-from aqn.models import load_model
+from aqn.models import enable_activation_checkpointing, load_model
 from aqn.models.lora import apply_lora, trainable_summary
 from aqn.noise import NoiseInjector
 from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
@@ -154,15 +154,16 @@ class GRPOTrainer:
                               "data.train_batch_size")
 
         # Two copies of the weights: the trainer's (clean) and the rollout engine's.
+        self.device = resolve_device(t.device)
         self.policy, self.tokenizer = load_model(arr.model.path, dtype=arr.model.dtype,
                                                  seed=t.seed)
+        self.policy.to(self.device)
         lora = arr.actor.lora
         if lora.rank:
             self.policy = apply_lora(self.policy, lora.rank, lora.alpha, lora.target_modules,
                                      lora.trainable_norms, lora.dropout)
         if arr.model.enable_gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.policy)
         trainable, total = trainable_summary(self.policy)
         log.info("policy: %d of %d parameters trainable", trainable, total)
         self.train_prompts = encode_prompts(self.tokenizer, self.train_records,
@@ -236,7 +237,7 @@ class GRPOTrainer:
                 texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
                 truths = [self.train_records[ids[g]]["ground_truth"] for g in batch.group_index]
                 scores = torch.tensor([self.reward_fn(txt, gt) for txt, gt
-                                       in zip(texts, truths, strict=True)])
+                                       in zip(texts, truths, strict=True)], device=self.device)
             if not torch.isfinite(scores).all():
                 raise TrainingError(f"non-finite reward at step {step}")
             mask = batch.response_mask
@@ -428,6 +429,15 @@ def _stop_ids(tokenizer, model) -> list[int]:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(i for i in ids if i is not None)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("cuda was asked for but torch sees no GPU (is this the CPU build of "
+                          "torch?)", "trainer.device")
+    return torch.device(name)
 
 
 def train(cfg: AQNConfig) -> dict[str, float]:

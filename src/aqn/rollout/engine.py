@@ -139,8 +139,10 @@ class RolloutEngine:
         micro_batch_size: int = 64,
     ) -> None:
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
-        self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+        self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long,
+                                           device=self.device)
         self.perturbations = list(perturbations)
         self.log_prob_source = log_prob_source
         self.micro_batch_size = micro_batch_size
@@ -175,7 +177,7 @@ class RolloutEngine:
         """``params.n`` completions of each prompt (token ids), sampled with a seeded RNG."""
         rows = [p for p in prompts for _ in range(params.n)]
         group_index = [i for i in range(len(prompts)) for _ in range(params.n)]
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         parts = [self._generate_chunk(rows[i:i + self.micro_batch_size], params, gen)
                  for i in range(0, len(rows), self.micro_batch_size)]
         width = max(p[2].shape[1] for p in parts)
@@ -203,13 +205,13 @@ class RolloutEngine:
         return score_batch(self.model, batch, temperature, self.micro_batch_size).log_probs
 
     def _generate_chunk(self, prompts, params: SamplingParams, gen: torch.Generator):
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
+        prompt_ids, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
         batch = prompt_ids.shape[0]
         cache = None
         attention = prompt_mask
         positions = position_ids(prompt_mask)
         inputs = prompt_ids
-        finished = torch.zeros(batch, dtype=torch.bool)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         tokens, log_probs, masks = [], [], []
         for _ in range(params.max_new_tokens):
             out = self.model(input_ids=inputs, attention_mask=attention, position_ids=positions,
@@ -231,7 +233,7 @@ class RolloutEngine:
             if finished.all():
                 break
             inputs = token.unsqueeze(1)
-            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype)], 1)
+            attention = torch.cat([attention, attention.new_ones((batch, 1))], 1)
             positions = positions[:, -1:] + 1
         return (prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1),
                 torch.stack(log_probs, 1))
