@@ -23,8 +23,12 @@ class NoiseInjectionConfig:
     total_steps: int | None = None
     # "qerl-code": exponent (k-1)/(K-2) as QeRL's code; "paper": (k-1)/(K-1).
     exponent: Literal["qerl-code", "paper"] = "qerl-code"
-    # gaussian (QeRL) or uniform with the same standard deviation.
-    distribution: Literal["gaussian", "uniform"] = "gaussian"
+    # gaussian (QeRL); uniform with the same standard deviation; or quant_error, noise shaped
+    # like real quantization error (bounded, uniform-like, deterministic): the error of
+    # rounding each clean weight onto a grid of spacing sqrt(12)*sigma shifted by a random
+    # offset drawn per (layer, step). |z| <= sqrt(3)*sigma, std sigma over the offset; equal
+    # weights get equal error, so an untrained norm (all 1.0) gets one scalar per layer.
+    distribution: Literal["gaussian", "uniform", "quant_error"] = "gaussian"
     # additive (QeRL): w + z; multiplicative: w + z * |w|.
     mode: Literal["additive", "multiplicative"] = "additive"
     # Patterns on module paths (exact path, '.'-suffix, or glob); empty = all matched norms.

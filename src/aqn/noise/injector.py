@@ -68,6 +68,21 @@ def noise_seed(seed: int, step: int, path: str) -> int:
     return derive_seed(seed, step, path)
 
 
+def grid_error(w: torch.Tensor, sigma: float, offset: torch.Tensor) -> torch.Tensor:
+    """The ``quant_error`` noise: the error of rounding ``w`` onto a shifted uniform grid.
+
+    With spacing ``d = sqrt(12) * sigma`` and ``offset`` in [0, d) (per element, one value
+    per layer), ``z = d * round((w + offset) / d) - (w + offset)``. Like real quantization
+    error, z is bounded (|z| <= d / 2 = sqrt(3) * sigma), uniform-like (zero mean and std
+    sigma over a uniform offset, and over weights spread over many grid steps) and
+    deterministic: equal weights get equal error. Computed in float64 so that the small
+    error of a weight near 1 is exact; returned as fp32.
+    """
+    d = torch.full((), math.sqrt(12.0) * sigma, dtype=torch.float64, device=w.device)
+    u = (w.double() + offset.double()) / d  # a tensor divisor: CUDA would multiply by 1/d
+    return (d * (torch.round(u) - u)).float()
+
+
 def _to_fp32_input(module: nn.Module, args: tuple):
     # Norms cast to the low dtype *before* the gain multiply (HF, vLLM): a bf16 x times
     # (1 + z/w) rounds straight back to x when |z/w| < half a bf16 ulp. Running the whole
@@ -144,10 +159,14 @@ class NoiseInjector:
             gen.manual_seed(noise_seed(self.seed, step, path))
             if self.config.distribution == "gaussian":
                 z[sl].normal_(0.0, sigma, generator=gen)
-            else:  # uniform on [-a, a] has std a / sqrt(3)
+            elif self.config.distribution == "uniform":  # on [-a, a]: std a / sqrt(3)
                 a = sigma * math.sqrt(3.0)
                 z[sl].uniform_(-a, a, generator=gen)
+            else:  # quant_error: here the layer's grid offset, one draw in [0, spacing)
+                z[sl].fill_(torch.rand((), generator=gen).item() * math.sqrt(12.0) * sigma)
         z = z.to(self._clean.device)
+        if self.config.distribution == "quant_error":
+            z = grid_error(self._clean, sigma, offset=z)
         if self.config.mode == "multiplicative":
             z = z * self._clean.abs()
         return z

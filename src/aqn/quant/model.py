@@ -1,0 +1,145 @@
+"""Fake quantization of a model's Linear weights: once in place, or as an engine perturbation.
+
+Only weights are quantized (activations keep the model dtype), as QeRL's NVFP4 rollouts.
+Targets are ``nn.Linear`` modules and subclasses, selected by path patterns (exact path,
+'.'-suffix or glob, as AQN's). By default the output head and embeddings are left alone,
+and so are LoRA adapters (peft's ``lora_A``/``lora_B`` are Linears too): in a QeRL-style
+setup the quantized base is frozen and the adapters train in full precision.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from aqn.errors import NoTargetsError
+from aqn.noise.selection import path_matches
+from aqn.quant.formats import check_format, fake_quantize
+from aqn.quant.report import LayerError, QuantReport
+
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*embed*", "*lora_*")
+
+
+def select_linears(model: nn.Module, include: Sequence[str] = (),
+                   exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[tuple[str, nn.Linear]]:
+    """The (path, module) pairs to quantize, in model order; raises when there are none.
+
+    A weight shared by several modules is taken once, at its first path. With tied
+    embeddings, including ``lm_head`` quantizes the input embedding too (same tensor).
+    """
+    selected, seen = [], set()
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if include and not any(path_matches(path, p) for p in include):
+            continue
+        if any(path_matches(path, p) for p in exclude):
+            continue
+        if id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        selected.append((path, module))
+    if not selected:
+        linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+        have = (f"{len(linears)} Linear modules, e.g. {', '.join(linears[:4])}" if linears
+                else "no nn.Linear modules at all")
+        raise NoTargetsError(
+            f"weight quantization matched 0 modules in {type(model).__name__}, so it would "
+            f"do nothing. include={list(include)}, exclude={list(exclude)}. The model has "
+            f"{have}. Fix the include/exclude patterns."
+        )
+    return selected
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, fmt: str, include: Sequence[str] = (),
+                   exclude: Sequence[str] = DEFAULT_EXCLUDE) -> QuantReport:
+    """Replace the targeted Linear weights by their fake-quantized values, for good.
+
+    For a policy that *is* the quantized base (QeRL: NVFP4 base + LoRA): the weights keep
+    their dtype and hold exactly the values the quantized format can represent.
+    """
+    check_format(fmt)
+    layers = []
+    for path, module in select_linears(model, include, exclude):
+        q = fake_quantize(module.weight, fmt)
+        layers.append(LayerError.measure(path, module.weight, q))
+        module.weight.copy_(q)
+    return QuantReport(fmt, tuple(layers))
+
+
+class WeightQuantizer:
+    """Fake weight quantization as a rollout-engine perturbation (see rollout.Perturbation).
+
+    Keeps one clean copy of the targeted weights (in their own dtype, nothing else), and
+    every ``apply`` writes ``Q(w_clean)``, so quantization never compounds; ``restore``
+    writes the clean weights back bit for bit. Quantization is deterministic: ``step``
+    only names the apply.
+    """
+
+    name = "quant"
+
+    def __init__(self, model: nn.Module, fmt: str, include: Sequence[str] = (),
+                 exclude: Sequence[str] = DEFAULT_EXCLUDE) -> None:
+        self.fmt = check_format(fmt)
+        self._targets = select_linears(model, include, exclude)
+        self._clean = [m.weight.detach().clone() for _, m in self._targets]
+        # (weight, version counter) right after our last write: tells a weight the sync did
+        # not re-send (it still holds our quantized values) from one it did.
+        self._written: list[tuple[weakref.ref, int] | None] = [None] * len(self._targets)
+        self.last_report: QuantReport | None = None
+        self.last_refreshed = 0
+
+    @property
+    def targets(self) -> list[str]:
+        return [path for path, _ in self._targets]
+
+    @property
+    def num_params(self) -> int:
+        return sum(c.numel() for c in self._clean)
+
+    def _untouched_since_write(self, i: int) -> bool:
+        if self._written[i] is None:
+            return False
+        ref, version = self._written[i]
+        weight = self._targets[i][1].weight
+        return ref() is weight and weight._version == version
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Take the weights now in the model as the clean copy (the engine just synced).
+
+        A weight still holding what the last ``apply`` wrote was not re-sent (e.g. only
+        LoRA adapters are synced): it keeps its clean value, so quantized values are never
+        taken for clean ones.
+        """
+        self.last_refreshed = 0
+        for i, (_, module) in enumerate(self._targets):
+            if self._untouched_since_write(i):
+                continue
+            self._clean[i].copy_(module.weight)
+            self._written[i] = None
+            self.last_refreshed += 1
+
+    @torch.no_grad()
+    def apply(self, step: int) -> dict[str, float]:
+        """Write the fake-quantized clean weights into the model; returns the report's metrics."""
+        layers = []
+        for i, ((path, module), clean) in enumerate(zip(self._targets, self._clean,
+                                                        strict=True)):
+            q = fake_quantize(clean, self.fmt)
+            layers.append(LayerError.measure(path, clean, q))
+            module.weight.copy_(q)
+            self._written[i] = (weakref.ref(module.weight), module.weight._version)
+        self.last_report = QuantReport(self.fmt, tuple(layers))
+        return self.last_report.metrics()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the clean weights back, bit for bit."""
+        for i, ((_, module), clean) in enumerate(zip(self._targets, self._clean, strict=True)):
+            module.weight.copy_(clean)
+            self._written[i] = None
