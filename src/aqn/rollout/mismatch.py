@@ -1,0 +1,129 @@
+"""How far a perturbed rollout engine's log-probs drift from the clean training model's.
+
+``measure_mismatch`` samples completions from a perturbed copy of the model (any
+perturbation: a numerics profile, AQN noise, fake quantization), scores the same tokens
+under the perturbed engine and under the clean model through the one shared ``score_batch``,
+and returns verl's rollout-vs-training mismatch metrics. ``numerics_check`` is the
+``aqn numerics`` command: one numerics profile against ``reference`` on a named model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from aqn.data import encode_prompts, load_task
+from aqn.models import load_model
+from aqn.numerics import NumericsEmulator, NumericsProfile, get_profile, mismatch_report
+from aqn.rl.core_algos import rollout_mismatch_metrics
+from aqn.rollout.engine import Perturbation, RolloutEngine, SamplingParams, score_batch
+
+# A numerics profile (name or object), or a function building a perturbation on the model
+# it is given (the engine's copy): ``lambda m: NoisePerturbation(NoiseInjector(m, cfg))``.
+PerturbationSpec = str | NumericsProfile | Callable[[nn.Module], Perturbation]
+
+
+def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
+    """The tokenizer's EOS and the model's generation-config EOS ids (as the trainer uses)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def build_perturbation(spec: PerturbationSpec, model: nn.Module, seed: int = 0) -> Perturbation:
+    """The perturbation ``spec`` describes, acting on ``model``."""
+    if isinstance(spec, str | NumericsProfile):
+        return NumericsEmulator(model, spec, seed=seed)
+    if hasattr(spec, "apply") and hasattr(spec, "restore"):
+        raise TypeError("pass a function that builds the perturbation on the model it is "
+                        "given (the engine's copy), not a perturbation already bound to a model")
+    if callable(spec):
+        return spec(model)
+    raise TypeError(f"cannot build a perturbation from {type(spec).__name__}")
+
+
+def measure_mismatch(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    perturbation: PerturbationSpec,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    micro_batch_size: int = 16,
+    temperature: float = 1.0,
+    step: int = 0,
+) -> dict[str, float]:
+    """Mismatch between a perturbed engine (rollout) and the clean ``model`` (training).
+
+    Completions are sampled (``temperature``, seeded by ``seed``) from a deep copy of
+    ``model`` with the perturbation applied at ``step``; both sides score the sampled tokens
+    with ``score_batch`` in the same micro-batches. ``model`` itself is not modified.
+
+    Returns ``rollout_mismatch_metrics`` (``training/rollout_probs_diff_*``,
+    ``rollout_corr/{kl,k3_kl,chi2_token,log_ppl_abs_diff,ppl_ratio}``,
+    ``rollout_corr/abs_logp_diff_{mean,max}``) plus the perturbation's own metrics and
+    ``mismatch/{num_sequences,num_tokens,response_length_mean,gen_s}``.
+    """
+    if not prompts:
+        raise ValueError("measure_mismatch needs at least one prompt")
+    engine_model = copy.deepcopy(model).eval()
+    perturb = build_perturbation(perturbation, engine_model, seed=seed)
+    engine = RolloutEngine(engine_model, pad_token_id=tokenizer.pad_token_id,
+                           stop_token_ids=stop_token_ids(tokenizer, model),
+                           perturbations=[perturb], micro_batch_size=micro_batch_size)
+    metrics = dict(engine.perturb(step))
+    try:
+        t = time.perf_counter()
+        # "recompute": rollout_log_probs are a full forward of the perturbed engine
+        batch = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens,
+                                                        temperature=temperature), seed=seed)
+        gen_s = time.perf_counter() - t
+    finally:
+        engine.clear_perturbations()
+    train = score_batch(model, batch, temperature, micro_batch_size).log_probs
+    metrics.update(rollout_mismatch_metrics(train, batch.rollout_log_probs, batch.response_mask))
+    mask = batch.response_mask
+    metrics.update({
+        "mismatch/num_sequences": float(mask.shape[0]),
+        "mismatch/num_tokens": float(mask.sum()),
+        "mismatch/response_length_mean": float(mask.sum(-1).mean()),
+        "mismatch/gen_s": gen_s,
+    })
+    return metrics
+
+
+def report_mismatch(metrics: dict[str, float], label: str) -> str:
+    """``mismatch_report`` fed from ``measure_mismatch``'s metrics."""
+    return mismatch_report(metrics["rollout_corr/abs_logp_diff_mean"], label=label,
+                           max_abs_logp_diff=metrics["rollout_corr/abs_logp_diff_max"],
+                           k3_kl=metrics["rollout_corr/k3_kl"],
+                           num_tokens=int(metrics["mismatch/num_tokens"]))
+
+
+def numerics_check(
+    model_name: str,
+    profile: str | NumericsProfile,
+    num_prompts: int = 16,
+    dtype: str = "float32",
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    micro_batch_size: int = 16,
+) -> tuple[dict[str, float], str]:
+    """Mismatch of numerics ``profile`` against ``reference`` (the untouched model).
+
+    Prompts: the first ``num_prompts`` problems of the arith task's test split (seeded by
+    ``seed``), rendered with the model's chat template. Returns (metrics, report text).
+    """
+    prof = get_profile(profile)  # an unknown name fails before the model loads
+    model, tokenizer = load_model(model_name, dtype=dtype)
+    _, records = load_task("arith", 0, num_prompts, seed=seed)
+    prompts = encode_prompts(tokenizer, records, max_length=1 << 30)
+    metrics = measure_mismatch(model, tokenizer, prompts, prof, max_new_tokens=max_new_tokens,
+                               seed=seed, micro_batch_size=micro_batch_size)
+    label = (f"profile {prof.name} vs reference on {model_name} ({dtype}), {len(prompts)} "
+             f"prompts, up to {max_new_tokens} sampled tokens (T=1, seed {seed})")
+    return metrics, report_mismatch(metrics, label)
