@@ -193,7 +193,7 @@ def test_validation_is_clean_unless_asked(tmp_path, monkeypatch):
 
     def spy(self, step):
         result = original(self, step)
-        calls.append(self.engine.perturbed_step)
+        calls.append(self.engine.perturbations[0].injector.applied_step)
         return result
 
     monkeypatch.setattr(GRPOTrainer, "validate", spy)

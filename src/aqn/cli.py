@@ -145,6 +145,51 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"per-item results: {trainer.run_dir / 'val' / 'step_0.jsonl'}")
 
 
+def cmd_numerics(args: argparse.Namespace) -> None:
+    from aqn.rollout.mismatch import numerics_check
+
+    metrics, report = numerics_check(args.model, args.profile, num_prompts=args.prompts,
+                                     dtype=args.dtype, max_new_tokens=args.new_tokens,
+                                     seed=args.seed)
+    print(json.dumps(metrics, indent=1) if args.json else report)
+
+
+def cmd_quant(args: argparse.Namespace) -> None:
+    import copy
+
+    from aqn.data import encode_prompts, load_task
+    from aqn.models import load_model
+    from aqn.quant import FORMATS, WeightQuantizer, quantize_model
+    from aqn.rollout.mismatch import measure_mismatch
+
+    formats = FORMATS if args.format == "all" else (args.format,)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    prompts = None
+    if args.mismatch:
+        _, records = load_task("arith", 0, args.prompts, seed=0)
+        prompts = encode_prompts(tokenizer, records, max_length=1 << 30)
+    rows = []
+    for fmt in formats:
+        report = quantize_model(copy.deepcopy(model), fmt)
+        if args.layers:
+            print(report.table() + "\n")
+        row = [fmt, len(report.layers), f"{100 * report.rel_l2:.2f}",
+               f"{report.sqnr_db:.2f}"]
+        if prompts is not None:
+            m = measure_mismatch(model, tokenizer, prompts,
+                                 lambda engine_model, fmt=fmt: WeightQuantizer(engine_model, fmt),
+                                 max_new_tokens=args.new_tokens)
+            row += [f"{m['rollout_corr/abs_logp_diff_mean']:.4f}",
+                    f"{m['rollout_corr/abs_logp_diff_max']:.3f}", f"{m['rollout_corr/k3_kl']:.2e}"]
+        rows.append(row)
+    header = ["format", "layers", "rel L2 %", "SQNR dB"]
+    if prompts is not None:
+        header += ["mean |dlogp|", "max |dlogp|", "k3 KL"]
+    print(f"{args.model} ({args.dtype}): fake weight quantization of every Linear but lm_head "
+          "and embeddings")
+    print(_table(header, rows))
+
+
 def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
     from aqn.models.tiny_base import pretrain_tiny
 
@@ -161,6 +206,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if bool(args.sweep) == bool(args.preset):
         raise ConfigError("give a sweep file or --preset NAME (one of them)")
     spec = load_sweep(args.sweep or args.preset)
+    if args.seeds:
+        spec = dataclasses.replace(spec, seeds=tuple(args.seeds))
     results = run_sweep(spec, jobs=args.jobs)
     print(_table(["run", "status"], sorted(results.items())))
     out = out_dir_of(spec)
@@ -207,6 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_noise_check)
+    p = sub.add_parser("numerics", help="mismatch a simulated hardware numerics profile "
+                       "causes against reference, compared with published GPU/NPU figures")
+    p.add_argument("--model", default="tiny-base")
+    p.add_argument("--profile", default="npu-like", help="gpu-like, npu-like, npu-naive")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--prompts", type=int, default=16, help="arith test prompts (default 16)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_numerics)
+    p = sub.add_parser("quant", help="fake weight quantization error per format (and, with "
+                       "--mismatch, the rollout mismatch it causes)")
+    p.add_argument("--model", default="tiny-base")
+    p.add_argument("--format", default="all",
+                   choices=["all", "nvfp4", "mxfp4", "int4", "int8", "fp8_e4m3"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--layers", action="store_true", help="also print the per-layer tables")
+    p.add_argument("--mismatch", action="store_true",
+                   help="also measure |dlogp| of a quantized engine vs the clean model")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_quant)
     p = sub.add_parser("pretrain-tiny",
                        help="make (or find in the cache) the tiny-base model for RL")
     p.add_argument("--force", action="store_true", help="train again even if cached")
@@ -225,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("sweep", help="run every (variant, seed) pair of a sweep file")
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
-    p.add_argument("--preset", help="a shipped sweep: demo, quick")
+    p.add_argument("--preset", help="a shipped sweep: demo, hw-hetero, nvfp4, quick")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the file's")
     p.add_argument("--report", action="store_true", help="write the report when done")
     p.set_defaults(func=cmd_sweep)
 
@@ -242,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # transformers imports torchao when it is installed; its import-time chatter about
+    # kernels this CPU build lacks says nothing about the run.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         args.func(args)
     except (ConfigError, NoTargetsError, TrainingError, ModelUnavailableError, ValueError,

@@ -12,6 +12,20 @@ from typing import Literal
 
 from aqn.errors import ConfigError
 from aqn.noise.config import NoiseInjectionConfig
+from aqn.numerics import PROFILES
+from aqn.quant import FORMATS
+
+# Simulated weight formats (aqn.quant): every Linear but lm_head and the embeddings.
+QuantFormat = Literal["nvfp4", "mxfp4", "int4", "int8", "fp8_e4m3"]
+
+
+def _check_hardware(quantization: str | None, numerics: str) -> None:
+    if quantization is not None and quantization not in FORMATS:
+        raise ConfigError(f"unknown format {quantization!r}; known: {', '.join(FORMATS)}",
+                          "quantization")
+    if numerics not in PROFILES:
+        raise ConfigError(f"unknown profile {numerics!r}; known: {', '.join(PROFILES)}",
+                          "numerics")
 
 
 @dataclass(frozen=True)
@@ -108,8 +122,14 @@ class ActorConfig:
     kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"
     entropy_coeff: float = 0.0
     grad_clip: float = 1.0
+    # QeRL's setting: the policy itself is the fake-quantized base (needs lora.rank > 0: only
+    # the adapters train) and the engine rolls out the same quantized base + adapters.
+    quantization: QuantFormat | None = None
+    # Numerics profile of the trainer copy ("pre-trained elsewhere" scenarios); reference: none.
+    numerics: str = "reference"
 
     def __post_init__(self) -> None:
+        _check_hardware(self.quantization, self.numerics)
         if self.ppo_mini_batch_size is not None and self.ppo_mini_batch_size <= 0:
             raise ConfigError(f"must be > 0 (or null: the whole batch), got "
                               f"{self.ppo_mini_batch_size}", "ppo_mini_batch_size")
@@ -141,8 +161,15 @@ class RolloutConfig:
     log_prob_source: Literal["recompute", "decode"] = "recompute"
     micro_batch_size: int = 64  # sequences generated or scored at once
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+    # Simulated rollout hardware, on the engine copy only (applied before AQN noise, and kept
+    # during validation: it is where the model runs). Fake weight quantization ("quantized
+    # rollout", as FP8/INT8 rollouts do) and a numerics profile (aqn.numerics: gpu-like,
+    # npu-like, npu-naive; reference: none).
+    quantization: QuantFormat | None = None
+    numerics: str = "reference"
 
     def __post_init__(self) -> None:
+        _check_hardware(self.quantization, self.numerics)
         if self.n < 1:
             raise ConfigError(f"must be >= 1, got {self.n}", "n")
         if self.temperature <= 0:
@@ -231,6 +258,10 @@ def resolve(cfg: AQNConfig) -> AQNConfig:
             f"a mini-batch of {mini} prompts x {n} completions = {mini * n} sequences must be "
             f"divisible by ppo_micro_batch_size ({actor.ppo_micro_batch_size})",
             "actor_rollout_ref.actor.ppo_micro_batch_size")
+    if actor.quantization is not None and not actor.lora.rank:
+        raise ConfigError("a quantized policy trains through LoRA adapters: set "
+                          "actor_rollout_ref.actor.lora.rank > 0 (QeRL: 16-32)",
+                          "actor_rollout_ref.actor.quantization")
     arr = replace(cfg.actor_rollout_ref, actor=replace(actor, ppo_mini_batch_size=mini))
     return replace(cfg, data=data, actor_rollout_ref=arr,
                    trainer=replace(t, noise_injection=noise))

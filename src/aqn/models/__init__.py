@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from aqn.errors import ModelUnavailableError
 from aqn.models.tiny import build_tiny_llama, tiny_llama_config
@@ -27,6 +30,20 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return DTYPES[name.removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}") from None
+
+
+@contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence transformers' own progress bars ("Loading weights", "Writing model shards")
+    when asked: they clutter the logs of every run and sweep."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_tiny(seed: int = 0, dtype: str | torch.dtype = "float32", **arch
@@ -59,7 +76,8 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
             "directory, nor a hub id of the form owner/name"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype))
+        with hf_progress_bars(False):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
     except OSError as e:
         hint = ""

@@ -54,13 +54,13 @@ def converted_path(progress: bool = True) -> Path:
         raise ModelUnavailableError(f"{ALIAS}: converting the packaged GGUF needs the gguf "
                                     f"package; install it with: {INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    log.info("converting %s to safetensors in %s (once)", gguf, final)
-    if not progress:
-        hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype="float32")
+    from aqn.models import hf_progress_bars
+
+    log.warning("converting %s to safetensors in %s (once, ~20 s)", gguf, final)
+    with hf_progress_bars(progress):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
     # The GGUF tensors are already de-quantized to float32: drop the "quantized with gguf"
@@ -71,7 +71,8 @@ def converted_path(progress: bool = True) -> Path:
         model.is_quantized = False
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        with hf_progress_bars(False):
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{PACKAGE}=={importlib.metadata.version(PACKAGE)} "
                                     f"{GGUF_FILE} (Q4_1, de-quantized to float32)\n")

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +19,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from aqn.data.arith import LEVELS, make_split
 from aqn.hashing import config_hash, to_plain
-from aqn.models import build_tiny, parse_dtype
+from aqn.models import build_tiny, hf_progress_bars, parse_dtype
 from aqn.models.cache import cache_root, publish_dir
 from aqn.models.tokenizer import build_char_tokenizer
 from aqn.rewards.gsm8k import compute_score
@@ -164,19 +161,6 @@ def greedy_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
     return correct / max(1, len(records))
 
 
-@contextmanager
-def _hf_progress_bars(enabled: bool) -> Iterator[None]:
-    """Silence transformers' own progress bars (e.g. "Writing model shards") when asked."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def pretrain_tiny(settings: TinyBaseSettings = TinyBaseSettings(), force: bool = False,
                   progress: bool = True) -> Path:
     """The cache directory of the tiny-base model, training it first if it is not there."""
@@ -206,7 +190,7 @@ def pretrain_tiny(settings: TinyBaseSettings = TinyBaseSettings(), force: bool =
         "wall_seconds": round(time.perf_counter() - start, 2),
     }
     def write(tmp: Path) -> None:
-        with _hf_progress_bars(progress):
+        with hf_progress_bars(progress):
             model.save_pretrained(tmp)  # transformers 5 writes safetensors only
         (tmp / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -218,5 +202,6 @@ def load_tiny_base(settings: TinyBaseSettings = TinyBaseSettings(),
                    ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """The pretrained tiny-base model (eval mode) and its char tokenizer."""
     path = pretrain_tiny(settings)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+    with hf_progress_bars(False):
+        model = LlamaForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
     return model.eval(), build_char_tokenizer()

@@ -31,6 +31,8 @@ from aqn.machine import machine_info
 from aqn.models import enable_activation_checkpointing, load_model
 from aqn.models.lora import apply_lora, trainable_summary
 from aqn.noise import NoiseInjector
+from aqn.numerics import NumericsEmulator
+from aqn.quant import WeightQuantizer, quantize_model
 from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
 from aqn.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -158,6 +160,9 @@ class GRPOTrainer:
         self.policy, self.tokenizer = load_model(arr.model.path, dtype=arr.model.dtype,
                                                  seed=t.seed)
         self.policy.to(self.device)
+        if arr.actor.quantization:  # QeRL: the base itself is quantized, adapters train
+            report = quantize_model(self.policy, arr.actor.quantization)
+            log.info("policy quantized to %s:\n%s", arr.actor.quantization, report.table())
         lora = arr.actor.lora
         if lora.rank:
             self.policy = apply_lora(self.policy, lora.rank, lora.alpha, lora.target_modules,
@@ -174,7 +179,15 @@ class GRPOTrainer:
         self.ref = None
         if arr.actor.use_kl_loss:
             self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        # The engine's perturbations, in order: simulated hardware first, then AQN noise.
         perturbations = []
+        if arr.rollout.quantization:
+            perturbations.append(WeightQuantizer(engine_model, arr.rollout.quantization))
+        if arr.rollout.numerics != "reference":
+            perturbations.append(NumericsEmulator(engine_model, arr.rollout.numerics, t.seed))
+        self.actor_numerics = None
+        if arr.actor.numerics != "reference":  # installed after the copies were taken
+            self.actor_numerics = NumericsEmulator(self.policy, arr.actor.numerics, t.seed)
         if t.noise_injection.enabled:
             # Built from the frozen config before any rollout: fails now if nothing matches.
             injector = NoiseInjector(engine_model, t.noise_injection)
@@ -226,6 +239,9 @@ class GRPOTrainer:
             with timer("update_weights"):
                 self.engine.sync_weights(self.policy)
                 metrics.update(self.engine.perturb(step))
+            if self.actor_numerics is not None:
+                metrics.update({f"actor/{k}": v
+                                for k, v in self.actor_numerics.apply(step).items()})
             ids = self.sampler.indices(step)
             params = SamplingParams(max_new_tokens=cfg.data.max_response_length, n=rollout.n,
                                     temperature=rollout.temperature, top_p=rollout.top_p,
@@ -354,11 +370,11 @@ class GRPOTrainer:
         """Greedy on the validation split, on clean weights unless asked otherwise."""
         t, val = self.cfg.trainer, self.cfg.actor_rollout_ref.rollout.val_kwargs
         self.engine.sync_weights(self.policy)
-        extra: dict[str, float] = {}
-        if t.validate_with_perturbation:
-            extra = {f"val-aux/{k}": v for k, v in self.engine.perturb(step).items()}
-        else:
-            self.engine.clear_perturbations()  # clean even if a sync left a norm noisy
+        self.engine.clear_perturbations()  # clean even if a sync left a norm noisy
+        # Simulated hardware (quantization, numerics) is where the model runs, so it stays;
+        # AQN noise is a training device and is left out unless asked.
+        skip = () if t.validate_with_perturbation else ("aqn",)
+        extra = {f"val-aux/{k}": v for k, v in self.engine.perturb(step, skip).items()}
         params = SamplingParams(max_new_tokens=self.cfg.data.max_response_length, n=val.n,
                                 temperature=val.temperature, do_sample=val.do_sample)
         batch = self.engine.generate(self.val_prompts, params,

@@ -159,10 +159,12 @@ class RolloutEngine:
         self.perturbed_step = None
         return time.perf_counter() - t
 
-    def perturb(self, step: int) -> dict[str, float]:
+    def perturb(self, step: int, skip: Sequence[str] = ()) -> dict[str, float]:
+        """Apply the perturbations in order (those named in ``skip`` stay off)."""
         metrics: dict[str, float] = {}
         for p in self.perturbations:
-            metrics.update(p.apply(step))
+            if p.name not in skip:
+                metrics.update(p.apply(step))
         self.perturbed_step = step
         return metrics
 
