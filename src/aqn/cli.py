@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per stage: sigma, effective std after the cast, elements changed")
     _add_selection_args(p)
     _add_schedule_args(p)
-    p.add_argument("--distribution", choices=["gaussian", "uniform"], default="gaussian")
+    p.add_argument("--distribution", choices=["gaussian", "uniform", "quant_error"],
+                   default="gaussian")
     p.add_argument("--mode", choices=["additive", "multiplicative"], default="additive")
     p.add_argument("--fp32-targets", action="store_true", default=None)
     p.add_argument("--seed", type=int, default=0)

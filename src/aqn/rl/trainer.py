@@ -246,9 +246,15 @@ class GRPOTrainer:
             params = SamplingParams(max_new_tokens=cfg.data.max_response_length, n=rollout.n,
                                     temperature=rollout.temperature, top_p=rollout.top_p,
                                     top_k=rollout.top_k)
+            # An unperturbed engine holds the trainer's weights and scores with the same
+            # function and batching: its recompute would equal old_log_prob bit for bit, so
+            # it is skipped and old_log_prob reused (one full forward pass less per step).
+            reuse_old = (rollout.log_prob_source == "recompute" and not self.engine.perturbed
+                         and self.actor_numerics is None)
             with timer("gen"):
                 batch = self.engine.generate([self.train_prompts[i] for i in ids], params,
-                                             seed=derive_seed(cfg.trainer.seed, "rollout", step))
+                                             seed=derive_seed(cfg.trainer.seed, "rollout", step),
+                                             score=not reuse_old)
             with timer("reward"):
                 texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
                 truths = [self.train_records[ids[g]]["ground_truth"] for g in batch.group_index]
@@ -259,6 +265,8 @@ class GRPOTrainer:
             mask = batch.response_mask
             with timer("old_log_prob"):
                 old = self.score(self.policy, batch, with_entropy=True)
+            if reuse_old:
+                batch.rollout_log_probs = old.log_probs
             ref_log_probs = None
             if self.ref is not None:
                 with timer("ref"):
@@ -367,7 +375,7 @@ class GRPOTrainer:
     # -- validation -----------------------------------------------------------------------
 
     def validate(self, step: int) -> dict[str, float]:
-        """Greedy on the validation split, on clean weights unless asked otherwise."""
+        """Greedy on the validation split, without AQN noise unless asked otherwise."""
         t, val = self.cfg.trainer, self.cfg.actor_rollout_ref.rollout.val_kwargs
         self.engine.sync_weights(self.policy)
         self.engine.clear_perturbations()  # clean even if a sync left a norm noisy
@@ -378,7 +386,9 @@ class GRPOTrainer:
         params = SamplingParams(max_new_tokens=self.cfg.data.max_response_length, n=val.n,
                                 temperature=val.temperature, do_sample=val.do_sample)
         batch = self.engine.generate(self.val_prompts, params,
-                                     seed=derive_seed(t.seed, "validation", step))
+                                     seed=derive_seed(t.seed, "validation", step),
+                                     progress="validation" if t.progress_bar else None,
+                                     score=False)  # greedy text is all validation needs
         texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
         rows = []
         for text, g in zip(texts, batch.group_index, strict=True):

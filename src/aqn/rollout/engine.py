@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from aqn.noise import NoiseInjector, NoiseReport
 from aqn.rl.core_algos import log_probs_from_logits
@@ -162,11 +163,18 @@ class RolloutEngine:
     def perturb(self, step: int, skip: Sequence[str] = ()) -> dict[str, float]:
         """Apply the perturbations in order (those named in ``skip`` stay off)."""
         metrics: dict[str, float] = {}
+        applied = False
         for p in self.perturbations:
             if p.name not in skip:
                 metrics.update(p.apply(step))
-        self.perturbed_step = step
+                applied = True
+        self.perturbed_step = step if applied else None
         return metrics
+
+    @property
+    def perturbed(self) -> bool:
+        """False when the engine holds exactly the synced weights, unperturbed."""
+        return self.perturbed_step is not None
 
     def clear_perturbations(self) -> None:
         for p in reversed(self.perturbations):
@@ -175,13 +183,22 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 seed: int = 0) -> RolloutBatch:
-        """``params.n`` completions of each prompt (token ids), sampled with a seeded RNG."""
+                 seed: int = 0, progress: str | None = None, score: bool = True
+                 ) -> RolloutBatch:
+        """``params.n`` completions of each prompt (token ids), sampled with a seeded RNG.
+
+        ``progress``: a label to show a progress bar over the micro-batches. ``score=False``
+        skips the recompute pass (log_prob_source=recompute), leaving the decode log-probs:
+        for validation, and for an unperturbed engine whose recompute would equal the
+        trainer's own scores bit for bit.
+        """
         rows = [p for p in prompts for _ in range(params.n)]
         group_index = [i for i in range(len(prompts)) for _ in range(params.n)]
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        starts = range(0, len(rows), self.micro_batch_size)
         parts = [self._generate_chunk(rows[i:i + self.micro_batch_size], params, gen)
-                 for i in range(0, len(rows), self.micro_batch_size)]
+                 for i in tqdm(starts, desc=progress, unit="batch", leave=False,
+                               disable=progress is None or len(starts) < 2)]
         width = max(p[2].shape[1] for p in parts)
         prompt_width = max(p[0].shape[1] for p in parts)
 
@@ -198,7 +215,7 @@ class RolloutEngine:
             rollout_log_probs=torch.cat([pad(p[4], width, 0.0, False) for p in parts]),
             group_index=group_index,
         )
-        if self.log_prob_source == "recompute":
+        if self.log_prob_source == "recompute" and score:
             batch.rollout_log_probs = self.score(batch, params.temperature)
         return batch
 
