@@ -131,20 +131,13 @@ PROFILES: dict[str, NumericsProfile] = {
         description="bf16 deployment with bf16 split-K accumulation (chunks of 64), RMSNorm "
                     "cast before the gain multiply, SiLU and softmax computed in bf16",
     ),
-    "npu-naive": NumericsProfile(
-        name="npu-naive",
-        # npu-like, but every bf16 cast truncates (rounds toward zero), as some conversion
-        # paths do: a biased error that accumulates through the layers instead of averaging
-        # out. A stress case, not a claim about what any specific port did.
-        matmul="bf16_splitk",
-        split_k_chunk=64,
-        rounding="truncate",
-        norm_cast="before_weight",
-        act_dtype="bf16",
-        softmax_dtype="bf16",
-        description="npu-like with every bf16 cast truncated toward zero",
-    ),
 }
+# npu-like, but every bf16 cast truncates (rounds toward zero), as some conversion paths do:
+# a biased error that accumulates through the layers instead of averaging out. A stress case,
+# not a claim about what any specific port did.
+PROFILES["npu-naive"] = dataclasses.replace(
+    PROFILES["npu-like"], name="npu-naive", rounding="truncate",
+    description="npu-like with every bf16 cast truncated toward zero")
 
 
 def get_profile(profile: str | NumericsProfile | Mapping[str, object]) -> NumericsProfile:
