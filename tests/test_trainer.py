@@ -177,6 +177,33 @@ def test_presets_validate():
     assert cfg.actor_rollout_ref.model.path == "tiny-base"
 
 
+def test_shipped_presets_validate():
+    from aqn.config import preset_names
+
+    assert {"smollm2-gsm8k", "smollm2-arith", "seed-qwen2.5-1.5b-gsm8k"} <= set(preset_names())
+    seed = load_config("seed-qwen2.5-1.5b-gsm8k", ["aqn=qerl"])
+    arr = seed.actor_rollout_ref
+    assert arr.model.path == "Qwen/Qwen2.5-1.5B-Instruct" and arr.model.dtype == "bfloat16"
+    assert seed.data.source == "gsm8k" and seed.data.prompt_style == "verl"
+    assert (arr.actor.optim.lr, arr.actor.kl_loss_coef, arr.actor.kl_loss_type) == \
+        (1e-6, 0.001, "low_var_kl")
+    assert arr.actor.use_kl_loss and arr.actor.clip_ratio_low == arr.actor.clip_ratio_high == 0.2
+    assert seed.trainer.test_freq == 20 and seed.trainer.noise_injection.total_steps == 116
+    assert seed.trainer.noise_injection.enabled and seed.reward.method == "strict"
+    for name in ("smollm2-gsm8k", "smollm2-arith"):
+        cfg = load_config(name, ["aqn=mild"])
+        assert cfg.actor_rollout_ref.model.path == "smollm2-135m-instruct"
+        assert cfg.actor_rollout_ref.actor.lora.rank == 16
+        assert cfg.trainer.noise_injection.sigma_start == 0.025
+    assert not load_config("smollm2-arith", ["aqn=off"]).trainer.noise_injection.enabled
+    with pytest.raises(ConfigError, match="aqn= takes one of qerl"):
+        load_config("smollm2-arith", ["aqn=loud"])
+    with pytest.raises(ConfigError, match="quantized policy trains through LoRA"):
+        load_config("tiny", ["actor_rollout_ref.actor.quantization=nvfp4"])
+    with pytest.raises(ConfigError, match="unknown profile 'tpu'"):
+        load_config("tiny", ["actor_rollout_ref.rollout.numerics=tpu"])
+
+
 def test_unwritable_run_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
