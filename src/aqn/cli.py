@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="GRPO training (AQN on with "
                        "trainer.noise_injection.enabled=true)")
     p.add_argument("config", nargs="?", default="tiny",
-                   help="a YAML file or a preset (smoke, tiny; default: tiny)")
+                   help="a YAML file or a preset (smoke, tiny, smollm2-arith, smollm2-gsm8k, "
+                   "seed-qwen2.5-1.5b-gsm8k; default: tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.seed=2")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="validation only: greedy accuracy of the config's "
