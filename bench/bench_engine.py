@@ -31,15 +31,8 @@ import torch
 from transformers import GenerationConfig
 
 from aqn.data import encode_prompts, load_task
-from aqn.models import load_model
+from aqn.models import load_model, stop_token_ids
 from aqn.rollout.engine import RolloutEngine, SamplingParams, left_pad
-
-
-def stop_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
 
 
 def real_lengths(tokens: torch.Tensor, stops: list[int]) -> torch.Tensor:
@@ -69,7 +62,7 @@ def main() -> None:
     records, _ = load_task("arith", args.batch, 8, seed=0, prompt_style=args.prompt_style)
     prompts = encode_prompts(tokenizer, records, 10**6)
     pad = tokenizer.pad_token_id
-    stops = stop_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, model)
     input_ids, attention_mask = left_pad(prompts, pad)
     T = args.new_tokens
 

@@ -17,11 +17,10 @@ import time
 
 import torch
 
-from aqn.data import encode_prompts, load_task
-from aqn.models import load_model
+from aqn.models import load_model, stop_token_ids
 from aqn.numerics import PROFILES, NumericsEmulator
 from aqn.rollout.engine import RolloutEngine, SamplingParams
-from aqn.rollout.mismatch import stop_token_ids
+from aqn.rollout.mismatch import probe_prompts
 
 
 def main() -> None:
@@ -38,8 +37,7 @@ def main() -> None:
     profiles = ["reference", *[p for p in args.profiles if p != "reference"]]
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    _, records = load_task("arith", 0, args.batch, seed=0)
-    prompts = encode_prompts(tokenizer, records, max_length=1 << 30)
+    prompts = probe_prompts(tokenizer, args.batch)
     engine = RolloutEngine(model, pad_token_id=tokenizer.pad_token_id,
                            stop_token_ids=stop_token_ids(tokenizer, model),
                            micro_batch_size=args.batch)

@@ -157,17 +157,13 @@ def cmd_numerics(args: argparse.Namespace) -> None:
 def cmd_quant(args: argparse.Namespace) -> None:
     import copy
 
-    from aqn.data import encode_prompts, load_task
     from aqn.models import load_model
     from aqn.quant import FORMATS, WeightQuantizer, quantize_model
-    from aqn.rollout.mismatch import measure_mismatch
+    from aqn.rollout.mismatch import measure_mismatch, probe_prompts
 
     formats = FORMATS if args.format == "all" else (args.format,)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    prompts = None
-    if args.mismatch:
-        _, records = load_task("arith", 0, args.prompts, seed=0)
-        prompts = encode_prompts(tokenizer, records, max_length=1 << 30)
+    prompts = probe_prompts(tokenizer, args.prompts) if args.mismatch else None
     rows = []
     for fmt in formats:
         report = quantize_model(copy.deepcopy(model), fmt)

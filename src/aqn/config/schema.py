@@ -15,9 +15,6 @@ from aqn.noise.config import NoiseInjectionConfig
 from aqn.numerics import PROFILES
 from aqn.quant import FORMATS
 
-# Simulated weight formats (aqn.quant): every Linear but lm_head and the embeddings.
-QuantFormat = Literal["nvfp4", "mxfp4", "int4", "int8", "fp8_e4m3"]
-
 
 def _check_hardware(quantization: str | None, numerics: str) -> None:
     if quantization is not None and quantization not in FORMATS:
@@ -124,7 +121,7 @@ class ActorConfig:
     grad_clip: float = 1.0
     # QeRL's setting: the policy itself is the fake-quantized base (needs lora.rank > 0: only
     # the adapters train) and the engine rolls out the same quantized base + adapters.
-    quantization: QuantFormat | None = None
+    quantization: str | None = None  # an aqn.quant format: nvfp4, mxfp4, int4, int8, fp8_e4m3
     # Numerics profile of the trainer copy ("pre-trained elsewhere" scenarios); reference: none.
     numerics: str = "reference"
 
@@ -165,7 +162,7 @@ class RolloutConfig:
     # during validation: it is where the model runs). Fake weight quantization ("quantized
     # rollout", as FP8/INT8 rollouts do) and a numerics profile (aqn.numerics: gpu-like,
     # npu-like, npu-naive; reference: none).
-    quantization: QuantFormat | None = None
+    quantization: str | None = None  # an aqn.quant format: nvfp4, mxfp4, int4, int8, fp8_e4m3
     numerics: str = "reference"
 
     def __post_init__(self) -> None:

@@ -92,6 +92,14 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
     return model.eval(), tokenizer
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer in the backward pass (transformers renamed the method)."""
     kwargs = {"use_reentrant": False}  # works with frozen inputs (LoRA) without extra hooks

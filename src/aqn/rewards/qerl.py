@@ -1,7 +1,7 @@
 """QeRL's GSM8K reward for the ``qerl`` prompt style: 2.0 when the number inside the last
 ``<answer>...</answer>`` equals the ground truth, plus 0.2 when the whole response has the
 ``<think>...</think><answer>...</answer>`` shape. A correct answer therefore scores 2.0 or
-2.2; ``is_correct`` is what accuracy counts."""
+2.2; accuracy counts scores >= ``aqn.rewards.CORRECT_AT`` (1.0), never the format alone."""
 
 from __future__ import annotations
 

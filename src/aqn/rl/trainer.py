@@ -28,7 +28,7 @@ from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
 from aqn.errors import ConfigError, TrainingError
 from aqn.hashing import derive_seed
 from aqn.machine import machine_info
-from aqn.models import enable_activation_checkpointing, load_model
+from aqn.models import enable_activation_checkpointing, load_model, stop_token_ids
 from aqn.models.lora import apply_lora, trainable_summary
 from aqn.noise import NoiseInjector
 from aqn.numerics import NumericsEmulator
@@ -197,7 +197,7 @@ class GRPOTrainer:
         self.engine = RolloutEngine(
             engine_model,
             pad_token_id=self.tokenizer.pad_token_id,
-            stop_token_ids=_stop_ids(self.tokenizer, self.policy),
+            stop_token_ids=stop_token_ids(self.tokenizer, self.policy),
             perturbations=perturbations,
             log_prob_source=arr.rollout.log_prob_source,
             micro_batch_size=arr.rollout.micro_batch_size,
@@ -448,13 +448,6 @@ def _micro_weight(mode: str, micro_mask: Tensor, mini_mask: Tensor) -> float:
     if mode == "seq-mean-token-sum-norm":
         return 1.0  # a sum over sequences divided by a constant: micro losses just add up
     return micro_mask.shape[0] / mini_mask.shape[0]
-
-
-def _stop_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from aqn.data import encode_prompts, load_task
-from aqn.models import load_model
+from aqn.models import load_model, stop_token_ids
 from aqn.numerics import NumericsEmulator, NumericsProfile, get_profile, mismatch_report
 from aqn.rl.core_algos import rollout_mismatch_metrics
 from aqn.rollout.engine import Perturbation, RolloutEngine, SamplingParams, score_batch
@@ -26,12 +26,11 @@ from aqn.rollout.engine import Perturbation, RolloutEngine, SamplingParams, scor
 PerturbationSpec = str | NumericsProfile | Callable[[nn.Module], Perturbation]
 
 
-def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
-    """The tokenizer's EOS and the model's generation-config EOS ids (as the trainer uses)."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
+def probe_prompts(tokenizer, num_prompts: int, seed: int = 0) -> list[list[int]]:
+    """The prompts mismatch is measured on: the first ``num_prompts`` problems of the arith
+    test split (seeded by ``seed``), rendered with the model's chat template."""
+    _, records = load_task("arith", 0, num_prompts, seed=seed)
+    return encode_prompts(tokenizer, records, max_length=1 << 30)
 
 
 def build_perturbation(spec: PerturbationSpec, model: nn.Module, seed: int = 0) -> Perturbation:
@@ -120,8 +119,7 @@ def numerics_check(
     """
     prof = get_profile(profile)  # an unknown name fails before the model loads
     model, tokenizer = load_model(model_name, dtype=dtype)
-    _, records = load_task("arith", 0, num_prompts, seed=seed)
-    prompts = encode_prompts(tokenizer, records, max_length=1 << 30)
+    prompts = probe_prompts(tokenizer, num_prompts, seed)
     metrics = measure_mismatch(model, tokenizer, prompts, prof, max_new_tokens=max_new_tokens,
                                seed=seed, micro_batch_size=micro_batch_size)
     label = (f"profile {prof.name} vs reference on {model_name} ({dtype}), {len(prompts)} "
