@@ -70,6 +70,14 @@ def _selection_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def _add_probe_args(p: argparse.ArgumentParser) -> None:
+    """The model and the probe prompts a mismatch measurement runs on (numerics, quant)."""
+    p.add_argument("--model", default="tiny-base")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--prompts", type=int, default=16, help="arith test prompts (default 16)")
+    p.add_argument("--new-tokens", type=int, default=64)
+
+
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' or a Hugging Face model path/id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -253,25 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_noise_check)
     p = sub.add_parser("numerics", help="mismatch a simulated hardware numerics profile "
                        "causes against reference, compared with published GPU/NPU figures")
-    p.add_argument("--model", default="tiny-base")
+    _add_probe_args(p)
     p.add_argument("--profile", default="npu-like", help="gpu-like, npu-like, npu-naive")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--prompts", type=int, default=16, help="arith test prompts (default 16)")
-    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_numerics)
     p = sub.add_parser("quant", help="fake weight quantization error per format (and, with "
                        "--mismatch, the rollout mismatch it causes)")
-    p.add_argument("--model", default="tiny-base")
+    _add_probe_args(p)
     p.add_argument("--format", default="all",
                    choices=["all", "nvfp4", "mxfp4", "int4", "int8", "fp8_e4m3"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--layers", action="store_true", help="also print the per-layer tables")
     p.add_argument("--mismatch", action="store_true",
                    help="also measure |dlogp| of a quantized engine vs the clean model")
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_quant)
     p = sub.add_parser("pretrain-tiny",
                        help="make (or find in the cache) the tiny-base model for RL")
