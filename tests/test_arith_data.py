@@ -99,3 +99,51 @@ def test_space_too_small(monkeypatch):
     assert len(make_split(split, 1, difficulty=1)) == 1
     with pytest.raises(ValueError, match="problem space is too small"):
         make_split(split, 2, difficulty=1)
+
+
+SYMBOLIC_RE = re.compile(r"^(\d)([+\-*])(\d)(?:([+\-])(\d))?$")
+
+
+def _value(question: str) -> int:
+    """The value of a symbolic question, parsed without eval: ``a op b [op c]``, the
+    product (level 3 only) first."""
+    a, op1, b, op2, c = SYMBOLIC_RE.match(question).groups()
+    first = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op1]
+    return first if op2 is None else first + int(c) if op2 == "+" else first - int(c)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_symbolic_problems(split):
+    records = make_split(split, 500, seed=0, wording="symbols")
+    assert records == make_split(split, 500, seed=0, wording="symbols")
+    reward = get_reward_fn("arith")
+    for r in records:
+        assert int(r["ground_truth"]) == _value(r["question"]) >= 0
+        *steps, last = r["answer"].split("\n")
+        assert len(steps) == (1 if r["difficulty"] == 1 else 2)
+        assert ("*" in r["question"]) == (r["difficulty"] == 3)
+        # the worked answer's first step restates the question's first operation
+        assert steps[0].split("=")[0] == r["question"][:3]
+        assert last == f"#### {r['ground_truth']}" and reward(r["answer"], r["ground_truth"])
+    assert {r["difficulty"] for r in records} == {1, 2, 3}
+
+
+def test_symbolic_splits_disjoint_and_small():
+    train = {r["question"] for r in make_split("train", 2000, seed=0, wording="symbols")}
+    test = {r["question"] for r in make_split("test", 400, seed=3, wording="symbols")}
+    assert train.isdisjoint(test)
+    # one-digit operands: the whole space is small, asking for more than it holds is an error
+    with pytest.raises(ValueError, match="problem space is too small"):
+        make_split("test", 1000, seed=0, wording="symbols")
+    with pytest.raises(ValueError, match="wording"):
+        make_split("train", 5, wording="emoji")
+
+
+def test_other_format_keeps_the_working_and_scores_zero():
+    r = make_split("train", 1, seed=0, difficulty=2, wording="symbols")[0]
+    other = arith.other_format(r["answer"])
+    assert other.rsplit("\n", 1)[0] == r["answer"].rsplit("\n", 1)[0]
+    assert other.endswith(f"\nThe answer is {r['ground_truth']}.")
+    reward = get_reward_fn("arith")  # strict, as verl: only "#### N" counts
+    assert reward(other, r["ground_truth"]) == 0.0
+    assert get_reward_fn("arith", "numeric")(other, r["ground_truth"]) == 1.0

@@ -163,11 +163,12 @@ def test_baseline_choice(fixture_runs, tmp_path):
 def test_files_and_embedded_plots(report):
     names = {p.name for p in report.paths}
     assert names == {"report.md", "report.html", "accuracy.png", "entropy.png", "sigma.png",
-                     "mismatch.png"}
+                     "mismatch.png", "reward.png", "train_accuracy.png", "zero_adv.png",
+                     "clipfrac.png", "response_length.png"}
     for p in report.paths:
         assert p.stat().st_size > 0
     page = (report.paths[0].parent / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('src="data:image/png;base64,') == 9
     assert "<style>" in page and 'href="' not in page  # self-contained
 
 
@@ -208,3 +209,32 @@ def test_speed_and_machine_ratio(report):
     # A = the GPU machine (first in sort order), B = the CPU: 4x the step time.
     assert "A = NVIDIA H100 / AMD EPYC / 16 threads" in speed
     assert "| aqn | cpu / Intel Xeon / 2 threads | 4 | 5 | 0.25 |" in speed
+
+
+def test_headline_says_first_whether_the_baseline_learned(report, fixture_runs, tmp_path):
+    # baseline: 30 % at step 0 in both seeds, then 40 % and 42 %: t = 11 with 1 dof
+    learning = report.learning
+    assert learning.base_mean == pytest.approx(0.30) and learning.final_mean == pytest.approx(0.41)
+    assert learning.delta == pytest.approx(0.11)
+    assert learning.p_value == pytest.approx(0.0577, abs=1e-4) and learning.learned is False
+    assert report.headline.startswith(
+        "Baseline (baseline) did NOT learn significantly: +11.00 points over the base model "
+        "(30.00 % at step 0 -> 41.00 % final), paired t-test over 2 seeds, p = 0.058")
+    assert learning.p_mcnemar < 1e-6  # the items alone cannot see the seed noise
+    # aqn as the baseline: 30 -> 80 and 30 -> 81
+    r = build_report(fixture_runs, tmp_path / "a", baseline="aqn")
+    assert r.learning.learned and r.learning.delta == pytest.approx(0.505)
+    assert r.headline.startswith("Baseline (aqn) learned: +50.50 points")
+    assert r.headline.index("learned") < r.headline.index("| variant |")
+
+
+def test_training_signal_table_and_plots(tmp_path):
+    run = write_run(tmp_path / "sweep", "baseline", 1, {0: 30, 10: 30})
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:  # zero-advantage groups fall from 0.9 to 0.0 over the 10 steps
+        row["actor/zero_adv_frac"] = 1.0 - row["step"] / 10
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = build_report([tmp_path / "sweep"], tmp_path / "out")
+    # columns: reward, sampled accuracy, zero-advantage groups, clip fraction, length
+    assert "| baseline | 0.5 -> 0.5 | n/a | 0.9 -> 0 | n/a | n/a |" in r.markdown.splitlines()
+    assert (tmp_path / "out" / "zero_adv.png").stat().st_size > 0

@@ -79,3 +79,30 @@ def test_cli_sweep_with_report(tmp_path, monkeypatch, capsys):
     assert main(["report", "runs/sweeps/quick", "--out", "again"]) == 0
     assert (tmp_path / "again" / "report.html").exists()
     assert main(["sweep"]) == 2
+
+
+def test_shipped_sweeps_validate_at_every_scale():
+    from aqn.experiments.sweep import at_scale, run_config, sweep_presets
+
+    for name in sweep_presets():
+        spec = load_sweep(name)
+        for scaled in [spec] + [at_scale(spec, s) for s in spec.scales]:
+            for variant in scaled.variants:
+                run_config(scaled, variant, 1, resume=False)  # raises on a bad override
+    hw = at_scale(load_sweep("hw-hetero"), "smollm2")
+    assert (hw.name, hw.base, list(hw.variants)) == (
+        "hw-hetero-smollm2", "smollm2-arith", ["clean", "baseline", "AQN", "AQN-TIS"])
+    clean = run_config(hw, "clean", 1, resume=False).actor_rollout_ref
+    base = run_config(hw, "baseline", 1, resume=False).actor_rollout_ref
+    assert (clean.rollout.numerics, base.rollout.numerics) == ("reference", "npu-naive")
+    assert base.model.path == "smollm2-135m-instruct"
+    with pytest.raises(ConfigError, match="has no scale 'huge'; its scales: smollm2"):
+        at_scale(load_sweep("nvfp4"), "huge")
+
+
+def test_sweep_prints_a_line_per_finished_run(tmp_path, capsys):
+    run_sweep(quick(tmp_path))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("sweep quick: 2 runs into ")
+    assert [line.split(" (")[0] for line in lines[1:]] == [
+        "[1/2] baseline__seed1: done", "[2/2] AQN-QeRL__seed1: done"]

@@ -173,8 +173,11 @@ def test_presets_validate():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = load_config("tiny", ["trainer.noise_injection.enabled=true"])
-    assert cfg.trainer.noise_injection.total_steps == 100
+    assert cfg.trainer.noise_injection.total_steps == 40
     assert cfg.actor_rollout_ref.model.path == "tiny-base"
+    # the CPU testbed: symbolic problems, 8 prompts x 8 completions, lr 1e-4
+    assert (cfg.data.wording, cfg.data.train_batch_size, cfg.actor_rollout_ref.rollout.n,
+            cfg.actor_rollout_ref.actor.optim.lr) == ("symbols", 8, 8, 1e-4)
 
 
 def test_shipped_presets_validate():
@@ -290,3 +293,43 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / "state.json").write_text("{}")
     assert latest_checkpoint(tmp_path).name == "step_2"
+
+
+def test_training_signal_metrics_match_the_rewards(tmp_path):
+    """actor/zero_adv_frac and critic/acc/mean, recomputed from the rewards the step saw."""
+    trainer = GRPOTrainer(smoke(tmp_path, "trainer.val_before_train=false"))
+    seen = []
+
+    def reward(response, truth):  # scores 1 for even lengths: some groups mixed, some not
+        seen.append(float(len(response) % 2 == 0))
+        return seen[-1]
+
+    trainer.reward_fn = reward
+    metrics = trainer.step(0)
+    n = trainer.cfg.actor_rollout_ref.rollout.n
+    groups = [seen[i:i + n] for i in range(0, len(seen), n)]
+    assert metrics["actor/zero_adv_frac"] == sum(len(set(g)) == 1 for g in groups) / len(groups)
+    assert metrics["critic/acc/mean"] == pytest.approx(sum(seen) / len(seen))
+    assert metrics["critic/acc/mean"] == pytest.approx(metrics["critic/score/mean"])
+
+
+def test_sampled_validation_gives_pass_at_k_beside_the_greedy_file(tmp_path):
+    from aqn.config.schema import ValKwargs
+
+    trainer = GRPOTrainer(smoke(tmp_path))
+    trainer.reward_fn = lambda response, truth: float(response.startswith(("1", "2", "3")))
+    greedy = trainer.validate(0)
+    sampled = trainer.validate(0, ValKwargs(do_sample=True, temperature=1.0, n=4))
+    val = tmp_path / "run" / "val"
+    assert sorted(p.name for p in val.iterdir()) == ["sampled@4_step_0.jsonl", "step_0.jsonl"]
+    rows = [json.loads(x) for x in (val / "sampled@4_step_0.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * len(trainer.val_records)
+    by_id: dict[str, list[bool]] = {}
+    for r in rows:
+        by_id.setdefault(r["id"], []).append(r["correct"])
+    assert sampled["val-aux/arith/acc/pass@4"] == sum(map(any, by_id.values())) / len(by_id)
+    assert sampled["val-aux/arith/zero_adv_frac"] == (
+        sum(len(set(v)) == 1 for v in by_id.values()) / len(by_id))
+    assert sampled["val-core/arith/acc/mean@4"] == sum(r["correct"] for r in rows) / len(rows)
+    assert sampled["val-aux/arith/acc/pass@4"] >= sampled["val-core/arith/acc/mean@4"]
+    assert "val-aux/arith/acc/pass@1" not in greedy

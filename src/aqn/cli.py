@@ -144,13 +144,24 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from aqn.config import load_config
+    from aqn.config.schema import ValKwargs
     from aqn.rl.trainer import GRPOTrainer
+
+    if args.pass_k is not None and args.pass_k < 1:
+        raise ConfigError(f"--pass-k must be >= 1, got {args.pass_k}")
 
     cfg = load_config(args.config, args.overrides)
     trainer = GRPOTrainer(cfg)
     metrics = trainer.validate(0)
+    files = ["step_0.jsonl"]
+    if args.pass_k:
+        # pass@k: k completions per prompt sampled as in training (rollout temperature)
+        rollout = cfg.actor_rollout_ref.rollout
+        sampled = ValKwargs(do_sample=True, temperature=rollout.temperature, n=args.pass_k)
+        metrics |= trainer.validate(0, sampled)
+        files.append(f"sampled@{args.pass_k}_step_0.jsonl")
     print(json.dumps(metrics, indent=1))
-    print(f"per-item results: {trainer.run_dir / 'val' / 'step_0.jsonl'}")
+    print("per-item results: " + ", ".join(str(trainer.run_dir / "val" / f) for f in files))
 
 
 def cmd_numerics(args: argparse.Namespace) -> None:
@@ -205,11 +216,13 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from aqn.experiments.sweep import load_sweep, out_dir_of, run_sweep
+    from aqn.experiments.sweep import at_scale, load_sweep, out_dir_of, run_sweep
 
     if bool(args.sweep) == bool(args.preset):
         raise ConfigError("give a sweep file or --preset NAME (one of them)")
     spec = load_sweep(args.sweep or args.preset)
+    if args.scale:
+        spec = at_scale(spec, args.scale)
     if args.seeds:
         spec = dataclasses.replace(spec, seeds=tuple(args.seeds))
     results = run_sweep(spec, jobs=args.jobs)
@@ -291,12 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "model on its validation split (no training)")
     p.add_argument("config", help="a YAML file or a preset")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("--pass-k", type=int, metavar="K",
+                   help="also sample K completions per prompt at the rollout temperature: "
+                   "pass@K, mean@K and the fraction of groups with zero advantage")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("sweep", help="run every (variant, seed) pair of a sweep file")
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
     p.add_argument("--preset", help="a shipped sweep: demo, hw-hetero, nvfp4, quick")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the file's")
+    p.add_argument("--scale", help="one of the sweep's larger set-ups (e.g. smollm2: hours "
+                   "on a CPU); runs go to runs/sweeps/<name>-<scale>")
     p.add_argument("--report", action="store_true", help="write the report when done")
     p.set_defaults(func=cmd_sweep)
 

@@ -35,6 +35,9 @@ class DataConfig:
     max_train_samples: int | None = 2000
     max_val_samples: int | None = 200
     difficulty: tuple[int, ...] = (1, 2, 3)
+    # arith only: "words" (short stories) or "symbols" (bare expressions such as 4*7-9, what
+    # the tiny-base testbed is trained on).
+    wording: Literal["words", "symbols"] = "words"
     # Prompts per step (verl: data.train_batch_size); each gets rollout.n completions.
     train_batch_size: int = 16
     max_prompt_length: int = 256  # longer prompts are an error, never silently cut

@@ -14,29 +14,30 @@ SOURCES = ("arith", "gsm8k")
 
 def load_task(source: str, max_train_samples: int | None, max_val_samples: int | None,
               seed: int, difficulty: Sequence[int] = (1, 2, 3), path: str | None = None,
-              prompt_style: str | None = None) -> tuple[list[dict], list[dict]]:
+              prompt_style: str | None = None, wording: str = "words"
+              ) -> tuple[list[dict], list[dict]]:
     """(train, validation) records of a task; validation never overlaps training.
 
-    arith: that many generated problems per split. gsm8k: the files under ``path``, or a
-    seeded subset of that many rows. ``prompt_style`` (null: the source's default) decides
-    the chat messages of each record.
+    arith: that many generated problems per split, in ``wording``. gsm8k: the files under
+    ``path``, or a seeded subset of that many rows. ``prompt_style`` (null: the source's
+    default) decides the chat messages of each record.
     """
     train, val = _load_source(source, max_train_samples, max_val_samples, seed, difficulty,
-                              path)
+                              path, wording)
     style = prompt_style or DEFAULT_STYLE[source]
     for record in train + val:
         record["prompt"] = build_prompt(record["question"], style)
     return train, val
 
 
-def _load_source(source, max_train_samples, max_val_samples, seed, difficulty, path):
+def _load_source(source, max_train_samples, max_val_samples, seed, difficulty, path, wording):
     if source == "arith":
         if max_train_samples is None or max_val_samples is None:
             raise DataError("the arith task needs data.max_train_samples and "
                             "data.max_val_samples (how many problems to generate)")
         difficulty = tuple(difficulty)
-        return (make_split("train", max_train_samples, seed=seed, difficulty=difficulty),
-                make_split("test", max_val_samples, seed=seed, difficulty=difficulty))
+        return tuple(make_split(split, n, seed=seed, difficulty=difficulty, wording=wording)
+                     for split, n in (("train", max_train_samples), ("test", max_val_samples)))
     if source == "gsm8k":
         if path is None:
             raise DataError("data.source=gsm8k needs data.path: a directory with train.jsonl "

@@ -7,6 +7,12 @@ Levels:
   2: two +/- steps, numbers up to 50;
   3: a multiplication of small numbers, then a +/- step.
 
+Wordings: ``words`` (the short stories above) or ``symbols`` (the bare expression, e.g.
+``4*7-9``, with one-digit operands: levels 1-2 are one or two +/- steps on 0-9, level 3 a
+product of 2-9 then a +/- step on 0-9). The symbolic problems are a quarter of the tokens and
+their steps are few facts that many problems share, which is what lets a CPU pretrain a base
+that solves half of them in two minutes (the tiny-base testbed).
+
 Every question goes to train or test by a hash of its text, never by the seed, so the two
 splits cannot share a question whatever seeds are used.
 """
@@ -18,6 +24,7 @@ from collections.abc import Callable
 DATA_SOURCE = "arith"
 LEVELS = (1, 2, 3)
 SPLITS = ("train", "test")
+WORDINGS = ("words", "symbols")
 TRAIN_PERCENT = 80
 
 # Each step is (left, operator, right, result); the answer shows one "a+b=c" line per step.
@@ -157,6 +164,39 @@ _TEMPLATES: dict[int, tuple[Template, ...]] = {
 }
 
 
+def _sym_level1(rng: random.Random) -> list[Step]:
+    a = rng.randint(0, 9)
+    return [_step(a, "+", rng.randint(0, 9)) if rng.random() < 0.5
+            else _step(a, "-", rng.randint(0, a))]
+
+
+def _sym_level2(rng: random.Random) -> list[Step]:
+    first = _sym_level1(rng)[0]
+    total = first[3]
+    if first[1] == "+":
+        return [first, _step(total, "-", rng.randint(0, min(9, total)))]
+    return [first, _step(total, "+", rng.randint(0, 9))]
+
+
+def _sym_level3(rng: random.Random) -> list[Step]:
+    first = _step(rng.randint(2, 9), "*", rng.randint(2, 9))
+    product = first[3]
+    if rng.random() < 0.5:
+        return [first, _step(product, "+", rng.randint(0, 9))]
+    return [first, _step(product, "-", rng.randint(0, min(9, product)))]
+
+
+_SYMBOLIC: dict[int, Callable[[random.Random], list[Step]]] = {
+    1: _sym_level1, 2: _sym_level2, 3: _sym_level3}
+
+
+def _symbolic(level: int, rng: random.Random) -> tuple[str, list[Step]]:
+    """A symbolic problem: every later step continues from the previous result."""
+    steps = _SYMBOLIC[level](rng)
+    a, op, b, _ = steps[0]
+    return f"{a}{op}{b}" + "".join(f"{op}{right}" for _, op, right, _ in steps[1:]), steps
+
+
 def split_of(question: str) -> str:
     """The split a question belongs to, from a stable hash of its text."""
     bucket = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big") % 100
@@ -169,6 +209,13 @@ def _worked_answer(steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
+def other_format(answer: str) -> str:
+    """The worked answer with its final ``#### N`` line written ``The answer is N.``: the
+    other common way to end a solution, which verl's strict GSM8K reward scores 0."""
+    working, final = answer.rsplit("\n", 1)
+    return f"{working}\nThe answer is {final.removeprefix('#### ')}."
+
+
 def _levels(difficulty: int | tuple[int, ...]) -> tuple[int, ...]:
     requested = (difficulty,) if isinstance(difficulty, int) else tuple(difficulty)
     if not requested or any(level not in LEVELS for level in requested):
@@ -178,11 +225,14 @@ def _levels(difficulty: int | tuple[int, ...]) -> tuple[int, ...]:
 
 
 def make_split(
-    split: str, n: int, seed: int = 0, difficulty: int | tuple[int, ...] = LEVELS
+    split: str, n: int, seed: int = 0, difficulty: int | tuple[int, ...] = LEVELS,
+    wording: str = "words",
 ) -> list[dict]:
     """`n` distinct problems of `split`, a pure function of the arguments."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if wording not in WORDINGS:
+        raise ValueError(f"wording must be one of {WORDINGS}, got {wording!r}")
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     levels = _levels(difficulty)
@@ -192,7 +242,10 @@ def make_split(
     misses = 0
     while len(records) < n:
         level = rng.choice(levels)
-        question, steps = rng.choice(_TEMPLATES[level])(rng)
+        if wording == "symbols":
+            question, steps = _symbolic(level, rng)
+        else:
+            question, steps = rng.choice(_TEMPLATES[level])(rng)
         if question in seen or split_of(question) != split:
             misses += 1
             if misses >= _MAX_MISSES:

@@ -35,7 +35,20 @@ PLOTS = {  # file -> (metric, title, x axis); accuracy comes from the validation
     "mismatch.png": ("rollout_corr/abs_logp_diff_mean",
                      "Rollout-training mismatch (rollout_corr/abs_logp_diff_mean)",
                      "training step"),
+    "reward.png": ("critic/score/mean", "Training reward (critic/score/mean)", "training step"),
+    "train_accuracy.png": ("critic/acc/mean", "Accuracy of the sampled completions "
+                           "(critic/acc/mean)", "training step"),
+    "zero_adv.png": ("actor/zero_adv_frac", "Groups with zero advantage (actor/zero_adv_frac)",
+                     "training step"),
+    "clipfrac.png": ("actor/pg_clipfrac", "PPO clip fraction (actor/pg_clipfrac)",
+                     "training step"),
+    "response_length.png": ("response_length/mean", "Response length (response_length/mean)",
+                            "training step"),
 }
+# What a user looks at first when RL does not learn: reward, accuracy of the samples, groups
+# that teach nothing, clipping, length (section 3's table, at the start and end of training).
+SIGNAL_KEYS = ("critic/score/mean", "critic/acc/mean", "actor/zero_adv_frac",
+               "actor/pg_clipfrac", "response_length/mean")
 MISMATCH_KEYS = (
     "rollout_corr/abs_logp_diff_mean",
     "rollout_corr/k3_kl",
@@ -401,6 +414,67 @@ def _headline_notes(rows: list[HeadlineRow], baseline: str) -> list[str]:
     return notes
 
 
+# --- did the baseline learn? -------------------------------------------------------------
+
+
+@dataclass
+class LearningResult:
+    """The baseline's final accuracy against the base model's (its step-0 validation)."""
+
+    variant: str
+    base_step: int
+    base_mean: float | None  # accuracy at base_step, mean over seeds (a fraction)
+    final_mean: float | None
+    delta: float | None  # mean over seeds of final - base
+    seeds: SeedTestResult | None
+    p_mcnemar: float | None  # pooled over the items of every seed
+    p_value: float | None  # the p that decides `learned`
+    test: str
+    learned: bool | None  # None: nothing testable (no step-0 validation, one seed, ...)
+
+    def sentence(self) -> str:
+        if self.delta is None:
+            return (f"Did the baseline ({self.variant}) learn? Cannot tell: its runs have no "
+                    "validation of the base model (trainer.val_before_train) and a later one.")
+        verdict = {True: "learned", False: "did NOT learn significantly",
+                   None: "cannot be judged"}[self.learned]
+        return (f"Baseline ({self.variant}) {verdict}: {_pts(self.delta)} points over the base "
+                f"model ({_pct(self.base_mean)} % at step {self.base_step} -> "
+                f"{_pct(self.final_mean)} % final), {self.test}, p = {_p(self.p_value)}"
+                f"; McNemar over items p = {_p(self.p_mcnemar)}.")
+
+
+def _learning(variant: str, runs: dict[int, RunData]) -> LearningResult:
+    """Paired over seeds (each run's final validation against its own step-0 one), as the
+    variant comparisons are: the seeds carry the training noise."""
+    base_acc, final_acc, base_ok, final_ok = {}, {}, [], []
+    base_step = min((min(r.accuracy) for r in runs.values() if r.accuracy), default=0)
+    for seed, r in runs.items():
+        if base_step not in r.accuracy or r.final_step in (None, base_step):
+            continue
+        base_acc[seed], final_acc[seed] = r.accuracy[base_step], r.accuracy[r.final_step]
+        before = {it["id"]: bool(it["correct"]) for it in r.val.get(base_step, [])}
+        for it in r.val.get(r.final_step, []):
+            if it["id"] in before:
+                base_ok.append(before[it["id"]])
+                final_ok.append(bool(it["correct"]))
+    p_mcnemar = mcnemar(base_ok, final_ok).p_value if base_ok else None
+    if not base_acc:
+        return LearningResult(variant, base_step, None, None, None, None, p_mcnemar, None,
+                              "n/a", None)
+    seeds = seed_test(base_acc, final_acc)
+    if seeds.p_value is not None:
+        p_value, test = seeds.p_value, f"paired t-test over {seeds.n_seeds} seeds"
+    elif seeds.n_seeds >= 2:
+        p_value, test = None, f"{seeds.method}; add seeds"
+    else:
+        p_value, test = p_mcnemar, "McNemar over the items of one seed"
+    delta = _mean(final_acc[s] - base_acc[s] for s in base_acc)
+    return LearningResult(
+        variant, base_step, _mean(base_acc.values()), _mean(final_acc.values()), delta, seeds,
+        p_mcnemar, p_value, test, None if p_value is None else p_value < ALPHA and delta > 0)
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -411,6 +485,7 @@ class Report:
     headline: str  # the final/peak table and its notes, as markdown
     rows: list[HeadlineRow]
     baseline: str | None
+    learning: LearningResult | None  # did the baseline learn over the base model?
     warnings: list[str]  # AQN enabled but noise zero, swallowed or unmeasured
     paths: list[Path]  # files written
 
@@ -556,6 +631,21 @@ def _accuracy_section(groups: dict[str, dict[int, RunData]], baseline: str) -> l
     ]
 
 
+def _first_last(runs: dict[int, RunData], key: str) -> str:
+    """'first -> last': means of ``key`` over the first and last tenth of each run's
+    steps, then over runs; 'n/a' where no run logged it."""
+    firsts, lasts = [], []
+    for r in runs.values():
+        values = list(r.series(key).values())
+        if values:
+            tenth = max(1, len(values) // 10)
+            firsts.append(sum(values[:tenth]) / tenth)
+            lasts.append(sum(values[-tenth:]) / tenth)
+    if not firsts:
+        return "n/a"
+    return f"{_num(_mean(firsts))} -> {_num(_mean(lasts))}"
+
+
 def _training_section(groups: dict[str, dict[int, RunData]]) -> list[_Block]:
     entropy = {v: _mean_curve(r.series("actor/entropy") for r in runs.values())
                for v, runs in groups.items()}
@@ -571,7 +661,17 @@ def _training_section(groups: dict[str, dict[int, RunData]]) -> list[_Block]:
         for v, runs in groups.items()
     ]
     return [
-        _Heading("3. Entropy and rollout-training mismatch"),
+        _Heading("3. Training signal, entropy and rollout-training mismatch"),
+        _Text("What to look at first when RL does not learn: per variant, the mean over the "
+              "first and the last tenth of the training steps (then over seeds). Groups with "
+              "zero advantage (all completions scored alike) give no gradient."),
+        _Table(["variant"] + [f"{k} first -> last" for k in SIGNAL_KEYS],
+               [[v] + [_first_last(runs, k) for k in SIGNAL_KEYS] for v, runs in groups.items()]),
+        _Image("reward.png", "critic/score/mean (thin: seeds, thick: seed mean)"),
+        _Image("train_accuracy.png", "critic/acc/mean (thin: seeds, thick: seed mean)"),
+        _Image("zero_adv.png", "actor/zero_adv_frac (thin: seeds, thick: seed mean)"),
+        _Image("clipfrac.png", "actor/pg_clipfrac (thin: seeds, thick: seed mean)"),
+        _Image("response_length.png", "response_length/mean (thin: seeds, thick: seed mean)"),
         _Text(f"actor/entropy per training step, mean over seeds (one row every {stride} "
               "step(s), and the last)."),
         _Table(["step"] + list(groups), entropy_rows),
@@ -696,14 +796,18 @@ def build_report(
                                "unmeasured noise: see section 4."))
     rows: list[HeadlineRow] = []
     headline = "No completed runs to compare."
-    base = None
+    base = learning = None
     if groups:
         base = _pick_baseline(groups, baseline)
         groups = {base: groups[base], **{v: g for v, g in groups.items() if v != base}}
+        learning = _learning(base, groups[base])
+        blocks.append(_Text(learning.sentence()))
         rows = [_variant_row(v, g) for v, g in groups.items()]
         for row in rows[1:]:
             _compare(row, rows[0], groups[base], groups[row.variant])
-        headline = _to_markdown([_headline_table(rows)]
+        # Whether the baseline learned comes first: variants compared on a baseline that
+        # did not learn say little.
+        headline = _to_markdown([_Text(learning.sentence()), _headline_table(rows)]
                                 + [_Text(n) for n in _headline_notes(rows, base)])
     blocks.append(_Text(
         f"{len(runs)} runs ({len(runs) - len(ok)} failed), {len(groups)} variants; "
@@ -730,4 +834,4 @@ def build_report(
     written = [out_dir / "report.md", out_dir / "report.html"]
     if groups:
         written += [out_dir / file for file in PLOTS]
-    return Report(markdown, page, headline, rows, base, warnings, written)
+    return Report(markdown, page, headline, rows, base, learning, warnings, written)

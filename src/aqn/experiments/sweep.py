@@ -10,6 +10,13 @@ A sweep file::
       baseline: []
       AQN-QeRL: [trainer.noise_injection.enabled=true, trainer.noise_injection.preset=qerl]
 
+An optional ``scales`` map names larger set-ups of the same comparison (``aqn sweep --preset
+hw-hetero --scale smollm2``): each replaces ``base`` and ``overrides`` and keeps the variants
+and seeds::
+
+    scales:
+      smollm2: {base: smollm2-arith, overrides: [actor_rollout_ref.rollout.numerics=npu-naive]}
+
 Runs go to ``<out_dir>/<variant>__seed<seed>/`` with a ``run.json`` (variant, seed, status,
 error). Re-running skips finished runs and resumes interrupted ones from their checkpoint;
 a run that fails is recorded with its error and the others go on.
@@ -17,11 +24,14 @@ a run that fails is recorded with its error and the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import sys
+import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -44,6 +54,8 @@ class SweepSpec:
     seeds: tuple[int, ...] = (1,)
     variants: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"baseline": ()})
     out_dir: str | None = None  # default: runs/sweeps/<name>
+    # scale name -> {"base": ..., "overrides": [...]}: larger set-ups of the same comparison
+    scales: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -71,13 +83,33 @@ def load_sweep(source: str | Path) -> SweepSpec:
                               f"presets: {', '.join(sweep_presets())}")
     data = read_yaml(path)
     variants = data.pop("variants", None)
+    scales = data.pop("scales", None) or {}
     spec = build(SweepSpec, data)
     if variants is not None:
         if not isinstance(variants, dict):
             raise ConfigError("must map variant names to lists of overrides", "variants")
         spec = SweepSpec(**{**spec.__dict__, "variants": {
             str(k): tuple(v or ()) for k, v in variants.items()}})
-    return spec
+    if not isinstance(scales, dict) or not all(isinstance(v, dict) for v in scales.values()):
+        raise ConfigError("must map scale names to {base, overrides}", "scales")
+    return dataclasses.replace(spec, scales={str(k): v for k, v in scales.items()})
+
+
+def at_scale(spec: SweepSpec, scale: str) -> SweepSpec:
+    """The sweep with ``base`` and ``overrides`` of one of its ``scales``, named
+    ``<name>-<scale>`` so its runs never mix with the default scale's."""
+    if scale not in spec.scales:
+        known = ", ".join(spec.scales) or "none"
+        raise ConfigError(f"sweep {spec.name!r} has no scale {scale!r}; its scales: {known}",
+                          "scales")
+    entry = spec.scales[scale]
+    unknown = set(entry) - {"base", "overrides"}
+    if unknown or "base" not in entry:
+        raise ConfigError(f"scale {scale!r} must give base (and optionally overrides), got "
+                          f"{sorted(entry)}", f"scales.{scale}")
+    return dataclasses.replace(spec, name=f"{spec.name}-{scale}", base=entry["base"],
+                               overrides=tuple(entry.get("overrides") or ()), scales={},
+                               out_dir=None)
 
 
 def out_dir_of(spec: SweepSpec) -> Path:
@@ -143,14 +175,21 @@ def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
         {**spec.__dict__, "variants": {k: list(v) for k, v in spec.variants.items()}},
         indent=1))
     results: dict[str, str] = {}
+    start = time.perf_counter()
+
+    def done(key: str, status: str) -> None:  # one line per finished run: the sweep's progress
+        results[key] = status
+        print(f"[{len(results)}/{len(pairs)}] {key}: {status} "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+    print(f"sweep {spec.name}: {len(pairs)} runs into {out}", file=sys.stderr, flush=True)
     if jobs <= 1:
         for v, s in pairs:
-            results[f"{v}__seed{s}"] = run_one(spec, v, s)
-            log.info("%s seed %d: %s", v, s, results[f"{v}__seed{s}"])
-        return results
+            done(f"{v}__seed{s}", run_one(spec, v, s))
+        return {f"{v}__seed{s}": results[f"{v}__seed{s}"] for v, s in pairs}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {f"{v}__seed{s}": pool.submit(run_one, spec, v, s, threads) for v, s in pairs}
-        for key, future in futures.items():
-            results[key] = future.result()
-    return results
+        futures = {pool.submit(run_one, spec, v, s, threads): f"{v}__seed{s}" for v, s in pairs}
+        for future in as_completed(futures):
+            done(futures[future], future.result())
+    return {f"{v}__seed{s}": results[f"{v}__seed{s}"] for v, s in pairs}

@@ -42,6 +42,15 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(values, mask, dim) / count.clamp(min=1)
 
 
+def zero_advantage_fraction(scores: Tensor, group_ids: Sequence[int | str]) -> float:
+    """Fraction of groups (prompts) whose completions all got the same score: GRPO gives
+    them zero advantage, so they teach nothing (TRL logs it as ``frac_reward_zero_std``)."""
+    by_group: dict[Hashable, set[float]] = defaultdict(set)
+    for key, score in zip(group_ids, scores.tolist(), strict=True):
+        by_group[key].add(score)
+    return sum(len(v) == 1 for v in by_group.values()) / max(1, len(by_group))
+
+
 def grpo_advantages(
     scores: Tensor,
     group_ids: Sequence[int | str] | Tensor,

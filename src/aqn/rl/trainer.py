@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from aqn.config import AQNConfig, config_hash, config_to_dict, dump_config
+from aqn.config.schema import ValKwargs
 from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
 from aqn.errors import ConfigError, TrainingError
 from aqn.hashing import derive_seed
@@ -149,7 +150,7 @@ class GRPOTrainer:
         d = cfg.data
         self.train_records, self.val_records = load_task(
             d.source, d.max_train_samples, d.max_val_samples, d.seed, d.difficulty, d.path,
-            d.prompt_style)
+            d.prompt_style, d.wording)
         if len(self.train_records) < cfg.data.train_batch_size:
             raise ConfigError(f"the train split has {len(self.train_records)} prompts, fewer "
                               f"than one batch ({cfg.data.train_batch_size})",
@@ -294,6 +295,9 @@ class GRPOTrainer:
             "critic/score/mean": scores.mean().item(),
             "critic/score/max": scores.max().item(),
             "critic/score/min": scores.min().item(),
+            # accuracy of the sampled completions (the reward may add format credit)
+            "critic/acc/mean": (scores >= CORRECT_AT).float().mean().item(),
+            "actor/zero_adv_frac": algos.zero_advantage_fraction(scores, batch.group_index),
             "critic/advantages/mean": advantages.mean().item(),
             "critic/advantages/max": advantages.max().item(),
             "critic/advantages/min": advantages.min().item(),
@@ -374,9 +378,16 @@ class GRPOTrainer:
 
     # -- validation -----------------------------------------------------------------------
 
-    def validate(self, step: int) -> dict[str, float]:
-        """Greedy on the validation split, without AQN noise unless asked otherwise."""
-        t, val = self.cfg.trainer, self.cfg.actor_rollout_ref.rollout.val_kwargs
+    def validate(self, step: int, val: ValKwargs | None = None) -> dict[str, float]:
+        """Greedy on the validation split, without AQN noise unless asked otherwise.
+
+        ``val`` replaces the config's ``val_kwargs`` (``aqn evaluate --pass-k``); its
+        per-item results go to ``val/sampled@<n>_step_<step>.jsonl``, beside (not over) the
+        greedy ``val/step_<step>.jsonl`` that reports read.
+        """
+        t = self.cfg.trainer
+        file = f"step_{step}.jsonl" if val is None else f"sampled@{val.n}_step_{step}.jsonl"
+        val = val or self.cfg.actor_rollout_ref.rollout.val_kwargs
         self.engine.sync_weights(self.policy)
         self.engine.clear_perturbations()  # clean even if a sync left a norm noisy
         # Simulated hardware (quantization, numerics) is where the model runs, so it stays;
@@ -400,13 +411,21 @@ class GRPOTrainer:
                                                      self.prompt_style),
                          "ground_truth": rec["ground_truth"], "score": score,
                          "correct": score >= CORRECT_AT})
-        path = self.run_dir / "val" / f"step_{step}.jsonl"
+        path = self.run_dir / "val" / file
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         source = self.data_source
         reward = sum(r["score"] for r in rows) / len(rows)
         acc = sum(r["correct"] for r in rows) / len(rows)
-        return {f"val-core/{source}/reward/mean@{val.n}": reward,
-                f"val-core/{source}/acc/mean@{val.n}": acc, **extra}
+        out = {f"val-core/{source}/reward/mean@{val.n}": reward,
+               f"val-core/{source}/acc/mean@{val.n}": acc, **extra}
+        if val.n > 1:  # sampled validation: how much a group of n could teach GRPO
+            solved: dict[int, bool] = {}
+            for row, g in zip(rows, batch.group_index, strict=True):
+                solved[g] = solved.get(g, False) or row["correct"]
+            out[f"val-aux/{source}/acc/pass@{val.n}"] = sum(solved.values()) / len(solved)
+            out[f"val-aux/{source}/zero_adv_frac"] = algos.zero_advantage_fraction(
+                torch.tensor([r["score"] for r in rows]), batch.group_index)
+        return out
 
     # -- the loop -------------------------------------------------------------------------
 
