@@ -20,7 +20,7 @@ import torch
 from aqn.models import load_model, stop_token_ids
 from aqn.numerics import PROFILES, NumericsEmulator
 from aqn.rollout.engine import RolloutEngine, SamplingParams
-from aqn.rollout.mismatch import probe_prompts
+from aqn.rollout.mismatch import probe_prompts, probe_wording
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     profiles = ["reference", *[p for p in args.profiles if p != "reference"]]
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    prompts = probe_prompts(tokenizer, args.batch)
+    prompts = probe_prompts(tokenizer, args.batch, wording=probe_wording(args.model))
     engine = RolloutEngine(model, pad_token_id=tokenizer.pad_token_id,
                            stop_token_ids=stop_token_ids(tokenizer, model),
                            micro_batch_size=args.batch)

@@ -103,3 +103,17 @@ def test_load_tiny_base_generates(two_caches, monkeypatch):
     saved = load_file(two_caches[1][0] / "model.safetensors")
     state = model.state_dict()
     assert all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+
+
+def test_training_corpus_mixes_two_answer_formats():
+    settings = TinyBaseSettings(n_train=400)
+    corpus = tiny_base.training_corpus(settings)
+    assert corpus == tiny_base.training_corpus(settings)  # seeded by data_seed
+    other = [r for r in corpus if r["answer"].endswith(f"The answer is {r['ground_truth']}.")]
+    hashed = [r for r in corpus if r["answer"].endswith(f"#### {r['ground_truth']}")]
+    assert len(other) + len(hashed) == 400 and 160 <= len(other) <= 240  # about half
+    assert all(r["question"][0].isdigit() for r in corpus)  # the symbolic wording
+    assert tiny_base.training_corpus(replace(settings, other_format_fraction=0.0)) == [
+        {**r, "answer": r["answer"].rsplit("\n", 1)[0] + f"\n#### {r['ground_truth']}"}
+        for r in corpus]
+    assert settings_hash(settings) != settings_hash(replace(settings, other_format_fraction=0))

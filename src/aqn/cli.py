@@ -178,11 +178,12 @@ def cmd_quant(args: argparse.Namespace) -> None:
 
     from aqn.models import load_model
     from aqn.quant import FORMATS, WeightQuantizer, quantize_model
-    from aqn.rollout.mismatch import measure_mismatch, probe_prompts
+    from aqn.rollout.mismatch import measure_mismatch, probe_prompts, probe_wording
 
     formats = FORMATS if args.format == "all" else (args.format,)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    prompts = probe_prompts(tokenizer, args.prompts) if args.mismatch else None
+    prompts = (probe_prompts(tokenizer, args.prompts, wording=probe_wording(args.model))
+               if args.mismatch else None)
     rows = []
     for fmt in formats:
         report = quantize_model(copy.deepcopy(model), fmt)
@@ -310,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("sweep", help="run every (variant, seed) pair of a sweep file")
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
-    p.add_argument("--preset", help="a shipped sweep: demo, hw-hetero, nvfp4, quick")
+    p.add_argument("--preset", help="a shipped sweep: demo, hw-hetero, nvfp4, nvfp4-rollout, "
+                   "quick")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the file's")
     p.add_argument("--scale", help="one of the sweep's larger set-ups (e.g. smollm2: hours "

@@ -26,10 +26,17 @@ from aqn.rollout.engine import Perturbation, RolloutEngine, SamplingParams, scor
 PerturbationSpec = str | NumericsProfile | Callable[[nn.Module], Perturbation]
 
 
-def probe_prompts(tokenizer, num_prompts: int, seed: int = 0) -> list[list[int]]:
+def probe_wording(model_name: str) -> str:
+    """The arith wording a model is probed with: the built-in tiny models know only the
+    symbolic problems they were pretrained on; real LMs get the word problems."""
+    return "symbols" if model_name in ("tiny", "tiny-base") else "words"
+
+
+def probe_prompts(tokenizer, num_prompts: int, seed: int = 0, wording: str = "words"
+                  ) -> list[list[int]]:
     """The prompts mismatch is measured on: the first ``num_prompts`` problems of the arith
-    test split (seeded by ``seed``), rendered with the model's chat template."""
-    _, records = load_task("arith", 0, num_prompts, seed=seed)
+    test split in ``wording`` (seeded by ``seed``), rendered with the model's chat template."""
+    _, records = load_task("arith", 0, num_prompts, seed=seed, wording=wording)
     return encode_prompts(tokenizer, records, max_length=1 << 30)
 
 
@@ -115,11 +122,12 @@ def numerics_check(
     """Mismatch of numerics ``profile`` against ``reference`` (the untouched model).
 
     Prompts: the first ``num_prompts`` problems of the arith task's test split (seeded by
-    ``seed``), rendered with the model's chat template. Returns (metrics, report text).
+    ``seed``; symbolic for the tiny models), rendered with the model's chat template.
+    Returns (metrics, report text).
     """
     prof = get_profile(profile)  # an unknown name fails before the model loads
     model, tokenizer = load_model(model_name, dtype=dtype)
-    prompts = probe_prompts(tokenizer, num_prompts, seed)
+    prompts = probe_prompts(tokenizer, num_prompts, seed, probe_wording(model_name))
     metrics = measure_mismatch(model, tokenizer, prompts, prof, max_new_tokens=max_new_tokens,
                                seed=seed, micro_batch_size=micro_batch_size)
     label = (f"profile {prof.name} vs reference on {model_name} ({dtype}), {len(prompts)} "
