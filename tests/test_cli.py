@@ -39,3 +39,15 @@ def test_errors_exit_2_with_a_message(capsys):
     assert main(["inspect", "--model", "tiny", "--class-pattern", "layernorm"]) == 2
     err = capsys.readouterr().err
     assert "matched 0 modules" in err and "LlamaRMSNorm x9" in err
+
+
+def test_evaluate_pass_k(tmp_path, capsys):
+    args = ["evaluate", "smoke", f"trainer.default_local_dir={tmp_path}", "--pass-k", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[:out.rindex("}") + 1])
+    assert 0 <= metrics["val-core/arith/acc/mean@3"] <= metrics["val-aux/arith/acc/pass@3"] <= 1
+    assert "val-core/arith/acc/mean@1" in metrics and "sampled@3_step_0.jsonl" in out
+    rows = (tmp_path / "smoke" / "val" / "sampled@3_step_0.jsonl").read_text().splitlines()
+    assert len(rows) == 3 * 8  # the smoke preset validates on 8 problems
+    assert main([*args[:-1], "0"]) == 2 and "--pass-k must be >= 1" in capsys.readouterr().err
