@@ -282,6 +282,22 @@ def _variant_row(variant: str, runs: dict[int, RunData]) -> HeadlineRow:
     )
 
 
+def _deciding_test(seeds: SeedTestResult, p_mcnemar: float | None) -> tuple[float | None, str]:
+    """(p, test name) of the test that decides significance.
+
+    Seeds carry training noise as well as item noise, so they decide when there are two or
+    more; one seed can only show that two checkpoints differ on these items.
+    """
+    if seeds.p_value is not None:
+        return seeds.p_value, f"paired t-test over {seeds.n_seeds} seeds"
+    if seeds.n_seeds >= 2:
+        # items alone would ignore training noise: say that nothing can be concluded
+        return None, f"{seeds.method}; add seeds"
+    if p_mcnemar is not None:
+        return p_mcnemar, "McNemar over items of one seed"
+    return None, "no test possible (one seed and no per-item results)"
+
+
 def _compare(row: HeadlineRow, base: HeadlineRow, a_runs: dict[int, RunData],
              b_runs: dict[int, RunData]) -> None:
     """Fill ``row`` (variant b) with its comparison against the baseline (a).
@@ -328,17 +344,7 @@ def _compare(row: HeadlineRow, base: HeadlineRow, a_runs: dict[int, RunData],
         row.delta = row.seeds.mean_diff
     elif row.final_mean is not None and base.final_mean is not None:
         row.delta = row.final_mean - base.final_mean
-    # Seeds carry training noise as well as item noise, so they decide when there are
-    # two or more; one seed can only show that two checkpoints differ on these items.
-    if row.p_seeds is not None:
-        row.p_value, row.test = row.p_seeds, f"paired t-test over {row.seeds.n_seeds} seeds"
-    elif row.seeds.n_seeds >= 2:
-        # items alone would ignore training noise: say that nothing can be concluded
-        row.test = f"{row.seeds.method}; add seeds"
-    elif row.p_mcnemar is not None:
-        row.p_value, row.test = row.p_mcnemar, "McNemar over items of one seed"
-    else:
-        row.test = "no test possible (one seed and no per-item results)"
+    row.p_value, row.test = _deciding_test(row.seeds, row.p_mcnemar)
     if row.p_value is not None:
         row.significant = row.p_value < ALPHA
 
@@ -463,12 +469,7 @@ def _learning(variant: str, runs: dict[int, RunData]) -> LearningResult:
         return LearningResult(variant, base_step, None, None, None, None, p_mcnemar, None,
                               "n/a", None)
     seeds = seed_test(base_acc, final_acc)
-    if seeds.p_value is not None:
-        p_value, test = seeds.p_value, f"paired t-test over {seeds.n_seeds} seeds"
-    elif seeds.n_seeds >= 2:
-        p_value, test = None, f"{seeds.method}; add seeds"
-    else:
-        p_value, test = p_mcnemar, "McNemar over the items of one seed"
+    p_value, test = _deciding_test(seeds, p_mcnemar)
     delta = _mean(final_acc[s] - base_acc[s] for s in base_acc)
     return LearningResult(
         variant, base_step, _mean(base_acc.values()), _mean(final_acc.values()), delta, seeds,
@@ -801,13 +802,14 @@ def build_report(
         base = _pick_baseline(groups, baseline)
         groups = {base: groups[base], **{v: g for v, g in groups.items() if v != base}}
         learning = _learning(base, groups[base])
-        blocks.append(_Text(learning.sentence()))
+        learned = _Text(learning.sentence())
+        blocks.append(learned)
         rows = [_variant_row(v, g) for v, g in groups.items()]
         for row in rows[1:]:
             _compare(row, rows[0], groups[base], groups[row.variant])
         # Whether the baseline learned comes first: variants compared on a baseline that
         # did not learn say little.
-        headline = _to_markdown([_Text(learning.sentence()), _headline_table(rows)]
+        headline = _to_markdown([learned, _headline_table(rows)]
                                 + [_Text(n) for n in _headline_notes(rows, base)])
     blocks.append(_Text(
         f"{len(runs)} runs ({len(runs) - len(ok)} failed), {len(groups)} variants; "
