@@ -1,4 +1,4 @@
-"""RolloutEngine.generate vs transformers' model.generate: tokens/s on the same prompts.
+"""HFEngine.generate vs transformers' model.generate: tokens/s on the same prompts.
 
 Same model object, same left-padded batch of arith prompts (verl style), same dtype, KV
 cache on both. Three modes:
@@ -32,7 +32,8 @@ from transformers import GenerationConfig
 
 from aqn.data import encode_prompts, load_task
 from aqn.models import load_model, stop_token_ids
-from aqn.rollout.engine import RolloutEngine, SamplingParams, left_pad
+from aqn.rollout.base import SamplingParams
+from aqn.rollout.hf import HFEngine, left_pad
 
 
 def real_lengths(tokens: torch.Tensor, stops: list[int]) -> torch.Tensor:
@@ -67,7 +68,7 @@ def main() -> None:
     T = args.new_tokens
 
     def engine_run(mode: str, source: str):
-        engine = RolloutEngine(model, pad_token_id=pad,
+        engine = HFEngine(model, pad_token_id=pad,
                                stop_token_ids=stops if mode == "greedy-eos" else [],
                                log_prob_source=source, micro_batch_size=args.batch)
         params = SamplingParams(max_new_tokens=T, do_sample=mode == "sampled")

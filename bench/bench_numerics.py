@@ -1,6 +1,6 @@
 """Generation slowdown of each simulated-hardware numerics profile against ``reference``.
 
-Times ``RolloutEngine.generate`` on one batch of arith prompts (sampled, seeded) with each
+Times ``HFEngine.generate`` on one batch of arith prompts (sampled, seeded) with each
 profile installed, interleaving the profiles over the repeats, and prints the median
 seconds, seconds per generated token and the ratio to ``reference`` measured in the same
 run. The profiles run in Python (split-K is a loop over K chunks), so expect slowdowns.
@@ -19,7 +19,8 @@ import torch
 
 from aqn.models import load_model, stop_token_ids
 from aqn.numerics import PROFILES, NumericsEmulator
-from aqn.rollout.engine import RolloutEngine, SamplingParams
+from aqn.rollout.base import SamplingParams
+from aqn.rollout.hf import HFEngine
 from aqn.rollout.mismatch import probe_prompts, probe_wording
 
 
@@ -38,7 +39,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     prompts = probe_prompts(tokenizer, args.batch, wording=probe_wording(args.model))
-    engine = RolloutEngine(model, pad_token_id=tokenizer.pad_token_id,
+    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id,
                            stop_token_ids=stop_token_ids(tokenizer, model),
                            micro_batch_size=args.batch)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)

@@ -155,20 +155,20 @@ def run_aqn(args, workdir: str) -> dict:
     setup_s = time.perf_counter() - t
     rss_setup = rss_mb()
 
-    # time the engine's re-scoring pass (log_prob_source=recompute) inside timing_s/gen
+    # time the engine's log-prob recompute pass (log_prob_source=recompute) inside timing_s/gen
     recompute: list[float] = []
-    score = trainer.engine.score
+    engine_logprobs = trainer.engine.logprobs
 
-    def timed_score(*a, **kw):
+    def timed_logprobs(*a, **kw):
         t0 = time.perf_counter()
-        out = score(*a, **kw)
+        out = engine_logprobs(*a, **kw)
         recompute.append(time.perf_counter() - t0)
         return out
 
-    trainer.engine.score = timed_score
+    trainer.engine.logprobs = timed_logprobs
     peaks = Peaks()
     trainer.engine.generate = peaks.wrap(trainer.engine.generate, "generate (+ recompute)")
-    trainer.score = peaks.wrap(trainer.score, "old_log_prob")
+    trainer.logprobs = peaks.wrap(trainer.logprobs, "old_log_prob")
     trainer.update = peaks.wrap(trainer.update, "update_actor")
 
     rows = []

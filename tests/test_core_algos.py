@@ -11,14 +11,16 @@ import torch
 from aqn.rl.core_algos import (
     LOSS_AGG_MODES,
     agg_loss,
-    entropy_from_logits,
     grpo_advantages,
     kl_penalty,
+    policy_loss,
+    rollout_is_weights,
+)
+from aqn.token_math import (
+    entropy_from_logits,
     log_probs_from_logits,
     masked_mean,
     masked_sum,
-    policy_loss,
-    rollout_is_weights,
     rollout_mismatch_metrics,
 )
 

@@ -10,9 +10,10 @@ from aqn.config.schema import LORA_TARGETS
 from aqn.errors import ConfigError
 from aqn.models.lora import apply_lora, trainable_summary
 from aqn.noise import NoiseInjectionConfig, NoiseInjector
+from aqn.perturb import AQNNoise
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer
-from aqn.rollout.engine import NoisePerturbation, RolloutEngine
+from aqn.rollout.hf import HFEngine
 
 pytest.importorskip("peft")
 
@@ -54,8 +55,8 @@ def test_lora_aqn_never_accumulates_over_20_syncs(tiny, sync):
     engine_model = copy.deepcopy(policy)
     noise = NoiseInjectionConfig(enabled=True, preset="small").resolved(total_steps=20, seed=3)
     injector = NoiseInjector(engine_model, noise)
-    engine = RolloutEngine(engine_model, tok.pad_token_id, [tok.eos_token_id],
-                           [NoisePerturbation(injector)])
+    engine = HFEngine(engine_model, tok.pad_token_id, [tok.eos_token_id],
+                           [AQNNoise(injector)])
     gen = torch.Generator().manual_seed(0)
     adapters = [n for n, p in policy.named_parameters() if "lora_" in n]
     noisy_steps = 0
@@ -69,9 +70,8 @@ def test_lora_aqn_never_accumulates_over_20_syncs(tiny, sync):
         else:  # what a LoRA-only sync sends: the adapters, never the norms
             state = policy.state_dict()
             engine.model.load_state_dict({n: state[n] for n in adapters}, strict=False)
-            for p in engine.perturbations:
-                p.refresh()
-        metrics = engine.perturb(step)
+            engine.perturbations.refresh()
+        metrics = engine.perturbations.apply(step)
         sigma = metrics["aqn/sigma"]
         z = injector.draw(step, sigma) if sigma else torch.zeros(injector.num_params)
         assert torch.equal(norm_vector(engine.model), norm_vector(policy) + z), step

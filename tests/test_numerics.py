@@ -372,14 +372,14 @@ def test_measure_mismatch_reference_zero_and_profile_positive(tiny):
 
 def test_measure_mismatch_takes_any_perturbation(tiny):
     from aqn.noise import NoiseInjectionConfig, NoiseInjector
-    from aqn.rollout.engine import NoisePerturbation
+    from aqn.perturb import AQNNoise
 
     model, tok = tiny
     prompts = [tok.encode("2+2=", add_special_tokens=False)]
     cfg = NoiseInjectionConfig(sigma_start=0.05, sigma_end=0.01, num_stages=3, total_steps=9,
                                seed=0).resolved()
     out = measure_mismatch(model, tok, prompts,
-                           lambda m: NoisePerturbation(NoiseInjector(m, cfg)),
+                           lambda m: AQNNoise(NoiseInjector(m, cfg)),
                            max_new_tokens=6, step=4)
     assert out["rollout_corr/abs_logp_diff_mean"] > 0
     with pytest.raises(TypeError, match="builds the perturbation"):

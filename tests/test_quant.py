@@ -314,24 +314,24 @@ def test_weight_quantizer_apply_restore_refresh(tiny):
 
 
 def test_weight_quantizer_in_the_rollout_engine(tiny):
-    from aqn.rollout.engine import RolloutEngine
+    from aqn.rollout.hf import HFEngine
 
     model, tok = tiny
     trainer_copy = copy.deepcopy(model)
-    engine = RolloutEngine(model, tok.pad_token_id, [tok.eos_token_id],
-                           perturbations=[WeightQuantizer(model, "nvfp4")])
+    engine = HFEngine(model, tok.pad_token_id, [tok.eos_token_id],
+                      perturbations=[WeightQuantizer(model, "nvfp4")])
     x = torch.arange(20).unsqueeze(0)
     with torch.no_grad():
         clean_logits = model(x).logits
-        metrics = engine.perturb(3)
+        metrics = engine.perturbations.apply(3)
         quant_logits = model(x).logits
-        engine.clear_perturbations()
+        engine.perturbations.restore()
         restored_logits = model(x).logits
     assert metrics["quant/num_layers"] == 28 and 0.08 < metrics["quant/rel_l2"] < 0.11
     assert not torch.allclose(clean_logits, quant_logits, atol=1e-3)
     assert torch.equal(clean_logits, restored_logits)
     engine.sync_weights(trainer_copy)  # refresh is called and accepts the fresh weights
-    assert engine.perturbations[0].last_refreshed == 28
+    assert engine.perturbations.all[0].last_refreshed == 28
 
 
 # ---------------------------------------------------------------- CUDA (where there is one)

@@ -6,7 +6,8 @@ import torch
 from aqn.data import encode_prompts
 from aqn.errors import ModelUnavailableError
 from aqn.models import load_model, smollm2
-from aqn.rollout.engine import RolloutEngine, SamplingParams
+from aqn.rollout.base import SamplingParams
+from aqn.rollout.hf import HFEngine
 
 pytestmark = pytest.mark.skipif(smollm2.gguf_path() is None,
                                 reason=f"{smollm2.PACKAGE} not installed ({smollm2.INSTALL})")
@@ -25,7 +26,7 @@ def test_loads_offline_and_answers(smol, monkeypatch):
     records = [{"id": "q", "prompt": [{"role": "user", "content": "What is 2+3?"}]}]
     prompt = encode_prompts(tok, records, 64)
     assert tok.decode(prompt[0]).endswith("<|im_start|>assistant\n")  # the chat template
-    engine = RolloutEngine(model, tok.pad_token_id, [tok.eos_token_id])
+    engine = HFEngine(model, tok.pad_token_id, [tok.eos_token_id])
     batch = engine.generate(prompt, SamplingParams(max_new_tokens=12, do_sample=False))
     text = tok.decode(batch.response_ids[0], skip_special_tokens=True)
     assert "5" in text, text

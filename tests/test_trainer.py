@@ -10,7 +10,7 @@ from aqn.config import ConfigError, load_config
 from aqn.errors import NoTargetsError, TrainingError
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
-from aqn.rollout.engine import SamplingParams
+from aqn.rollout.base import SamplingParams
 
 # AQN preset "small" (K=5) over the 4 smoke steps: sigma 0 at step 0, then 0.01, 0.0046, 0.0022
 AQN = ["trainer.noise_injection.enabled=true", "trainer.noise_injection.preset=small"]
@@ -46,10 +46,10 @@ def test_unperturbed_engine_recompute_equals_the_trainer_bit_for_bit(tmp_path, l
     trainer.reward_fn = lambda response, truth: float(len(response) % 2)  # gives advantages
     trainer.step(0)  # the weights moved: the engine copy is now stale until the next sync
     trainer.engine.sync_weights(trainer.policy)
-    assert not trainer.engine.perturbed
+    assert not trainer.engine.perturbations.perturbed
     batch = trainer.engine.generate(trainer.train_prompts[:4], SamplingParams(12, n=2), seed=3)
-    engine_scores = trainer.engine.score(batch, temperature=1.0)
-    assert torch.equal(engine_scores, trainer.score(trainer.policy, batch).log_probs)
+    engine_scores = trainer.engine.logprobs(batch, temperature=1.0)
+    assert torch.equal(engine_scores, trainer.logprobs(trainer.policy, batch).log_probs)
     assert engine_scores.abs().sum() > 0
 
 
@@ -239,7 +239,7 @@ def test_validation_is_clean_unless_asked(tmp_path, monkeypatch):
 
     def spy(self, step):
         result = original(self, step)
-        calls.append(self.engine.perturbations[0].injector.applied_step)
+        calls.append(self.engine.perturbations.all[0].injector.applied_step)
         return result
 
     monkeypatch.setattr(GRPOTrainer, "validate", spy)

@@ -132,7 +132,8 @@ def cmd_noise_check(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from aqn.config import load_config
-    from aqn.rl.trainer import run_dir_of, train
+    from aqn.rl.run_dir import run_dir_of
+    from aqn.rl.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     final = train(cfg)

@@ -8,12 +8,14 @@ import socket
 import torch
 
 
-def machine_info(dtype: str) -> dict:
+def machine_info(dtype: str, device: torch.device | str = "cpu") -> dict:
+    """The device the run computes on (the GPU's name for ``cuda``), and the software."""
     import transformers
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {
-        "device": device,
+        "device": name,
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),

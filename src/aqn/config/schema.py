@@ -167,9 +167,15 @@ class RolloutConfig:
     # npu-like, npu-naive; reference: none).
     quantization: str | None = None  # an aqn.quant format: nvfp4, mxfp4, int4, int8, fp8_e4m3
     numerics: str = "reference"
+    # Relative Gaussian noise on the RMSNorm outputs of the engine, fresh per call:
+    # y <- y + sigma |y| eps (aqn.noise.activation). 0: off. Off in validation, as AQN.
+    activation_noise: float = 0.0
 
     def __post_init__(self) -> None:
         _check_hardware(self.quantization, self.numerics)
+        if not (math.isfinite(self.activation_noise) and self.activation_noise >= 0):
+            raise ConfigError(f"must be a finite number >= 0 (0: off), got "
+                              f"{self.activation_noise}", "activation_noise")
         if self.n < 1:
             raise ConfigError(f"must be >= 1, got {self.n}", "n")
         if self.temperature <= 0:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from aqn import metric_keys as keys
 from aqn.hashing import config_hash, derive_seed
 from aqn.noise.config import NoiseInjectionConfig
 from aqn.noise.selection import NormTarget, describe_targets, select_norms
@@ -54,13 +55,15 @@ class NoiseReport:
 
     def metrics(self) -> dict[str, float]:
         return {
-            "aqn/step": float(self.step),  # the schedule's step: metrics row step - 1
-            "aqn/sigma": self.sigma,
-            "aqn/stage": float(self.stage),
+            keys.AQN_STEP: float(self.step),  # the schedule's step: metrics row step - 1
+            keys.AQN_SIGMA: self.sigma,
+            keys.AQN_STAGE: float(self.stage),
             "aqn/num_modules": float(self.num_modules),
-            "aqn/effective_std": self.effective_std,
-            "aqn/frac_changed": self.frac_changed,
+            keys.AQN_EFFECTIVE_STD: self.effective_std,
+            keys.AQN_FRAC_CHANGED: self.frac_changed,
             "aqn/drawn_std": self.drawn_std,
+            # the one swallowed rule: the injector warns on it, the report reads this flag
+            keys.AQN_SWALLOWED: float(self.swallowed),
         }
 
 

@@ -10,7 +10,6 @@ the numbered decoder layers (``model.norm``). Matching nothing is an error, neve
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from aqn.errors import NoTargetsError
+from aqn.modules import path_matches
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,6 @@ class NormTarget:
     dtype: str
     numel: int
     is_final: bool
-
-
-def path_matches(path: str, pattern: str) -> bool:
-    """A pattern names a module by its full path, a '.'-suffix of it, or a glob."""
-    return path == pattern or path.endswith("." + pattern) or fnmatch.fnmatchcase(path, pattern)
 
 
 def is_final_norm(path: str) -> bool:

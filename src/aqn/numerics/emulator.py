@@ -90,6 +90,9 @@ class NumericsEmulator:
                 raise
         return self.metrics()
 
+    def usage(self) -> dict[str, float]:
+        return {}  # the patches were counted by apply
+
     def restore(self) -> None:
         """Remove every patch; the model computes exactly as before ``apply``."""
         while self._undo:

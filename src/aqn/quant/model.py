@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from aqn.errors import NoTargetsError
-from aqn.noise.selection import path_matches
+from aqn.modules import path_matches
 from aqn.quant.formats import check_format, fake_quantize
 from aqn.quant.report import LayerError, QuantReport
 
@@ -72,7 +72,7 @@ def quantize_model(model: nn.Module, fmt: str, include: Sequence[str] = (),
 
 
 class WeightQuantizer:
-    """Fake weight quantization as a rollout-engine perturbation (see rollout.Perturbation).
+    """Fake weight quantization as a rollout-engine perturbation (see aqn.perturb).
 
     Keeps one clean copy of the targeted weights (in their own dtype, nothing else), and
     every ``apply`` writes ``Q(w_clean)``, so quantization never compounds; ``restore``
@@ -136,6 +136,9 @@ class WeightQuantizer:
             self._written[i] = (weakref.ref(module.weight), module.weight._version)
         self.last_report = QuantReport(self.fmt, tuple(layers))
         return self.last_report.metrics()
+
+    def usage(self) -> dict[str, float]:
+        return {}  # the weights were written (and measured) by apply
 
     @torch.no_grad()
     def restore(self) -> None:

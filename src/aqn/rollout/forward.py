@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from aqn.rl.core_algos import entropy_from_logits, log_probs_from_logits
+from aqn.token_math import entropy_from_logits, log_probs_from_logits
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -23,19 +23,19 @@ def cache_kwarg(model: nn.Module) -> str:
 
 
 @dataclass
-class ResponseScores:
+class TokenLogProbs:
     log_probs: Tensor  # [B, T] log-prob of each response token
     entropy: Tensor | None  # [B, T] entropy of the next-token distribution
 
 
-def response_scores(
+def response_logprobs(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     response_length: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
-) -> ResponseScores:
+) -> TokenLogProbs:
     """Log-probs (and entropy) of the last ``response_length`` tokens of ``input_ids``.
 
     ``input_ids`` is ``[B, P + T]``: left-padded prompts followed by right-padded responses.
@@ -51,4 +51,4 @@ def response_scores(
     labels = input_ids[:, -response_length:]
     log_probs = log_probs_from_logits(logits, labels)
     entropy = entropy_from_logits(logits) if with_entropy else None
-    return ResponseScores(log_probs, entropy)
+    return TokenLogProbs(log_probs, entropy)

@@ -2,7 +2,7 @@
 
 ``measure_mismatch`` samples completions from a perturbed copy of the model (any
 perturbation: a numerics profile, AQN noise, fake quantization), scores the same tokens
-under the perturbed engine and under the clean model through the one shared ``score_batch``,
+under the perturbed engine and under the clean model through the one shared ``logprob_batch``,
 and returns verl's rollout-vs-training mismatch metrics. ``numerics_check`` is the
 ``aqn numerics`` command: one numerics profile against ``reference`` on a named model.
 """
@@ -18,12 +18,14 @@ from torch import nn
 from aqn.data import encode_prompts, load_task
 from aqn.models import load_model, stop_token_ids
 from aqn.numerics import NumericsEmulator, NumericsProfile, get_profile, mismatch_report
-from aqn.rl.core_algos import rollout_mismatch_metrics
-from aqn.rollout.engine import Perturbation, RolloutEngine, SamplingParams, score_batch
+from aqn.perturb import Perturbation
+from aqn.rollout.base import SamplingParams
+from aqn.rollout.hf import HFEngine, logprob_batch
+from aqn.token_math import rollout_mismatch_metrics
 
 # A numerics profile (name or object), or a function building a perturbation on the model
-# it is given (the engine's copy): ``lambda m: NoisePerturbation(NoiseInjector(m, cfg))``.
-PerturbationSpec = str | NumericsProfile | Callable[[nn.Module], Perturbation]
+# it is given (the engine's copy): ``lambda m: AQNNoise(NoiseInjector(m, cfg))``.
+PerturbationFactory = str | NumericsProfile | Callable[[nn.Module], Perturbation]
 
 
 def probe_wording(model_name: str) -> str:
@@ -40,7 +42,7 @@ def probe_prompts(tokenizer, num_prompts: int, seed: int = 0, wording: str = "wo
     return encode_prompts(tokenizer, records, max_length=1 << 30)
 
 
-def build_perturbation(spec: PerturbationSpec, model: nn.Module, seed: int = 0) -> Perturbation:
+def build_perturbation(spec: PerturbationFactory, model: nn.Module, seed: int = 0) -> Perturbation:
     """The perturbation ``spec`` describes, acting on ``model``."""
     if isinstance(spec, str | NumericsProfile):
         return NumericsEmulator(model, spec, seed=seed)
@@ -56,7 +58,7 @@ def measure_mismatch(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[Sequence[int]],
-    perturbation: PerturbationSpec,
+    perturbation: PerturbationFactory,
     max_new_tokens: int = 64,
     seed: int = 0,
     micro_batch_size: int = 16,
@@ -66,8 +68,8 @@ def measure_mismatch(
     """Mismatch between a perturbed engine (rollout) and the clean ``model`` (training).
 
     Completions are sampled (``temperature``, seeded by ``seed``) from a deep copy of
-    ``model`` with the perturbation applied at ``step``; both sides score the sampled tokens
-    with ``score_batch`` in the same micro-batches. ``model`` itself is not modified.
+    ``model`` with the perturbation applied at ``step``; both sides compute the sampled tokens'
+    log-probs with ``logprob_batch`` in the same micro-batches. ``model`` itself is not modified.
 
     Returns ``rollout_mismatch_metrics`` (``training/rollout_probs_diff_*``,
     ``rollout_corr/{kl,k3_kl,chi2_token,log_ppl_abs_diff,ppl_ratio}``,
@@ -78,19 +80,20 @@ def measure_mismatch(
         raise ValueError("measure_mismatch needs at least one prompt")
     engine_model = copy.deepcopy(model).eval()
     perturb = build_perturbation(perturbation, engine_model, seed=seed)
-    engine = RolloutEngine(engine_model, pad_token_id=tokenizer.pad_token_id,
-                           stop_token_ids=stop_token_ids(tokenizer, model),
-                           perturbations=[perturb], micro_batch_size=micro_batch_size)
-    metrics = dict(engine.perturb(step))
+    engine = HFEngine(engine_model, pad_token_id=tokenizer.pad_token_id,
+                      stop_token_ids=stop_token_ids(tokenizer, model),
+                      perturbations=[perturb], micro_batch_size=micro_batch_size)
+    metrics = dict(engine.perturbations.apply(step))
     try:
         t = time.perf_counter()
         # "recompute": rollout_log_probs are a full forward of the perturbed engine
         batch = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens,
                                                         temperature=temperature), seed=seed)
         gen_s = time.perf_counter() - t
+        metrics.update(engine.perturbations.usage())
     finally:
-        engine.clear_perturbations()
-    train = score_batch(model, batch, temperature, micro_batch_size).log_probs
+        engine.perturbations.restore()
+    train = logprob_batch(model, batch, temperature, micro_batch_size).log_probs
     metrics.update(rollout_mismatch_metrics(train, batch.rollout_log_probs, batch.response_mask))
     mask = batch.response_mask
     metrics.update({

@@ -1,92 +1,23 @@
-"""The rollout engine: its own copy of the policy, perturbed after every weight sync.
+"""The Hugging Face rollout engine (the default, and the one every test runs).
 
-As vLLM in verl and QeRL, the engine holds a separate copy of the weights. After each
-sync the ordered perturbations (AQN noise today; quantization and hardware numerics slot
-in the same list) are applied to that copy only; the training copy is never touched.
+It holds its own copy of the policy, perturbed after every weight sync (``aqn.rollout.base``).
 Generation is a batched sampling loop with a KV cache that returns, for every sampled
 token, its log-prob under the perturbed engine.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from aqn.noise import NoiseInjector, NoiseReport
-from aqn.rl.core_algos import log_probs_from_logits
-from aqn.rollout.forward import ResponseScores, cache_kwarg, position_ids, response_scores
-
-
-class Perturbation(Protocol):
-    """Something applied to the engine's weights after each sync, and undone for clean use."""
-
-    name: str
-
-    def refresh(self) -> None: ...  # new clean weights were just loaded
-
-    def apply(self, step: int) -> Mapping[str, float]: ...  # returns metrics
-
-    def restore(self) -> None: ...
-
-
-class NoisePerturbation:
-    """AQN as an engine perturbation."""
-
-    name = "aqn"
-
-    def __init__(self, injector: NoiseInjector) -> None:
-        self.injector = injector
-        self.last_report: NoiseReport | None = None
-
-    def refresh(self) -> None:
-        self.injector.refresh_clean()
-
-    def apply(self, step: int) -> Mapping[str, float]:
-        self.last_report = self.injector.apply(step)
-        return self.last_report.metrics()
-
-    def restore(self) -> None:
-        self.injector.restore()
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1: no top-k
-    do_sample: bool = True  # False: greedy
-
-
-@dataclass
-class RolloutBatch:
-    """``n`` consecutive rows per prompt; prompts left-padded, responses right-padded."""
-
-    prompt_ids: Tensor  # [B, P]
-    prompt_mask: Tensor  # [B, P]
-    response_ids: Tensor  # [B, T]
-    response_mask: Tensor  # [B, T] 1 up to and including the stop token
-    rollout_log_probs: Tensor  # [B, T] under the (perturbed) engine
-    group_index: list[int]  # the prompt each row answers
-
-    @property
-    def input_ids(self) -> Tensor:
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
-
-    @property
-    def response_length(self) -> int:
-        return self.response_ids.shape[1]
+from aqn.perturb import Perturbation
+from aqn.rollout.base import Perturbations, RolloutBatch, SamplingParams
+from aqn.rollout.forward import TokenLogProbs, cache_kwarg, position_ids, response_logprobs
+from aqn.token_math import log_probs_from_logits
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -114,22 +45,24 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, T
 
 
 @torch.no_grad()
-def score_batch(model: nn.Module, batch: RolloutBatch, temperature: float,
-                micro_batch_size: int, with_entropy: bool = False) -> ResponseScores:
+def logprob_batch(model: nn.Module, batch: RolloutBatch, temperature: float,
+                  micro_batch_size: int, with_entropy: bool = False) -> TokenLogProbs:
     """Response log-probs (and entropy) of a rollout batch under ``model``, masked. The engine
-    and the trainer both score through here, in the same micro-batches, so copies with the
+    and the trainer both compute them here, in the same micro-batches, so copies with the
     same weights agree to the bit."""
     parts = []
     for i in range(0, batch.input_ids.shape[0], micro_batch_size):
         sl = slice(i, i + micro_batch_size)
-        parts.append(response_scores(model, batch.input_ids[sl], batch.attention_mask[sl],
+        parts.append(response_logprobs(model, batch.input_ids[sl], batch.attention_mask[sl],
                                      batch.response_length, temperature, with_entropy))
     log_probs = torch.cat([p.log_probs for p in parts]) * batch.response_mask
     entropy = torch.cat([p.entropy for p in parts]) if with_entropy else None
-    return ResponseScores(log_probs, entropy)
+    return TokenLogProbs(log_probs, entropy)
 
 
-class RolloutEngine:
+class HFEngine:
+    """The ``Engine`` protocol (``aqn.rollout.base``) on a Hugging Face causal LM."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -144,53 +77,27 @@ class RolloutEngine:
         self.pad_token_id = pad_token_id
         self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long,
                                            device=self.device)
-        self.perturbations = list(perturbations)
+        self.perturbations = Perturbations(perturbations)
         self.log_prob_source = log_prob_source
         self.micro_batch_size = micro_batch_size
-        self.perturbed_step: int | None = None
         self._cache_kwarg = cache_kwarg(model)
 
     @torch.no_grad()
-    def sync_weights(self, source: nn.Module) -> float:
+    def sync_weights(self, source: nn.Module) -> None:
         """Load the trainer's weights; perturbations take them as their new clean copy."""
-        t = time.perf_counter()
         self.model.load_state_dict(source.state_dict())
-        for p in self.perturbations:
-            p.refresh()
-        self.perturbed_step = None
-        return time.perf_counter() - t
-
-    def perturb(self, step: int, skip: Sequence[str] = ()) -> dict[str, float]:
-        """Apply the perturbations in order (those named in ``skip`` stay off)."""
-        metrics: dict[str, float] = {}
-        applied = False
-        for p in self.perturbations:
-            if p.name not in skip:
-                metrics.update(p.apply(step))
-                applied = True
-        self.perturbed_step = step if applied else None
-        return metrics
-
-    @property
-    def perturbed(self) -> bool:
-        """False when the engine holds exactly the synced weights, unperturbed."""
-        return self.perturbed_step is not None
-
-    def clear_perturbations(self) -> None:
-        for p in reversed(self.perturbations):
-            p.restore()
-        self.perturbed_step = None
+        self.perturbations.refresh()
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 seed: int = 0, progress: str | None = None, score: bool = True
+                 seed: int = 0, progress: str | None = None, recompute_logprobs: bool = True
                  ) -> RolloutBatch:
         """``params.n`` completions of each prompt (token ids), sampled with a seeded RNG.
 
-        ``progress``: a label to show a progress bar over the micro-batches. ``score=False``
-        skips the recompute pass (log_prob_source=recompute), leaving the decode log-probs:
-        for validation, and for an unperturbed engine whose recompute would equal the
-        trainer's own scores bit for bit.
+        ``progress``: a label to show a progress bar over the micro-batches.
+        ``recompute_logprobs=False`` skips the recompute pass (log_prob_source=recompute),
+        leaving the decode log-probs: for validation, and for an unperturbed engine whose
+        recompute would equal the trainer's own log-probs bit for bit.
         """
         rows = [p for p in prompts for _ in range(params.n)]
         group_index = [i for i in range(len(prompts)) for _ in range(params.n)]
@@ -215,13 +122,13 @@ class RolloutEngine:
             rollout_log_probs=torch.cat([pad(p[4], width, 0.0, False) for p in parts]),
             group_index=group_index,
         )
-        if self.log_prob_source == "recompute" and score:
-            batch.rollout_log_probs = self.score(batch, params.temperature)
+        if self.log_prob_source == "recompute" and recompute_logprobs:
+            batch.rollout_log_probs = self.logprobs(batch, params.temperature)
         return batch
 
-    def score(self, batch: RolloutBatch, temperature: float) -> Tensor:
+    def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
         """Log-probs of the batch's responses under the engine, in one full forward pass."""
-        return score_batch(self.model, batch, temperature, self.micro_batch_size).log_probs
+        return logprob_batch(self.model, batch, temperature, self.micro_batch_size).log_probs
 
     def _generate_chunk(self, prompts, params: SamplingParams, gen: torch.Generator):
         prompt_ids, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))

@@ -1,0 +1,53 @@
+"""Metric names that one module writes and another reads, written once (verl's names where
+verl has one: ``val-core/<data_source>/acc/mean@<n>``, ``timing_s/<phase>``)."""
+
+from __future__ import annotations
+
+import re
+
+# ------------------------------------------------------------------------------ validation
+
+
+def val_core(source: str, what: str, n: int) -> str:
+    """``what`` is ``reward`` or ``acc`` (fraction correct) over ``n`` completions per item."""
+    return f"val-core/{source}/{what}/mean@{n}"
+
+
+VAL_CORE = re.compile(r"val-core/(?P<source>.+)/(?P<what>reward|acc)/mean@(?P<n>\d+)")
+
+
+def val_pass_at(source: str, k: int) -> str:
+    return f"val-aux/{source}/acc/pass@{k}"
+
+
+def val_zero_adv(source: str) -> str:
+    return f"val-aux/{source}/zero_adv_frac"
+
+
+VAL_AUX = "val-aux/"  # prefix of the perturbations' own metrics during validation
+
+# ------------------------------------------------------------------------------ training
+
+
+def timing(phase: str) -> str:
+    return f"timing_s/{phase}"
+
+
+SCORE_MEAN = "critic/score/mean"
+SAMPLED_ACC = "critic/acc/mean"  # accuracy of the sampled completions
+ZERO_ADV_FRAC = "actor/zero_adv_frac"
+ENTROPY = "actor/entropy"
+CLIPFRAC = "actor/pg_clipfrac"
+RESPONSE_LENGTH = "response_length/mean"
+THROUGHPUT = "perf/throughput"
+ABS_LOGP_DIFF = "rollout_corr/abs_logp_diff_mean"
+K3_KL = "rollout_corr/k3_kl"
+PROBS_DIFF = "training/rollout_probs_diff_mean"
+
+# AQN (aqn.noise.injector writes them, the report reads them)
+AQN_STEP = "aqn/step"
+AQN_SIGMA = "aqn/sigma"
+AQN_STAGE = "aqn/stage"
+AQN_EFFECTIVE_STD = "aqn/effective_std"
+AQN_FRAC_CHANGED = "aqn/frac_changed"
+AQN_SWALLOWED = "aqn/swallowed"  # 1.0 when the cast to the weight dtype ate the noise

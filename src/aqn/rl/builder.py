@@ -1,0 +1,95 @@
+"""Builds what the GRPO recipe trains with: the policy (model + quantization + LoRA), its
+reference copy, the rollout engine with its perturbations, and the optimizer.
+
+The order is fixed because it consumes the seeded RNG (model init, then LoRA init) and
+because the engine's copy is taken before trainer-side numerics are installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aqn.config import AQNConfig
+from aqn.errors import ConfigError
+from aqn.models import enable_activation_checkpointing, load_model, stop_token_ids
+from aqn.models.lora import apply_lora, trainable_summary
+from aqn.numerics import NumericsEmulator
+from aqn.perturb import build_perturbations
+from aqn.quant import quantize_model
+from aqn.rollout.hf import HFEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Policy:
+    model: nn.Module  # the trainer's copy: never perturbed by the engine's perturbations
+    tokenizer: object
+    ref: nn.Module | None  # frozen reference for the KL loss (actor.use_kl_loss)
+    numerics: NumericsEmulator | None  # trainer-side numerics profile (actor.numerics)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("cuda was asked for but torch sees no GPU (is this the CPU build of "
+                          "torch?)", "trainer.device")
+    return torch.device(name)
+
+
+def build_policy(cfg: AQNConfig, device: torch.device) -> Policy:
+    """The trainer's model: loaded, quantized (QeRL), wrapped in LoRA adapters."""
+    arr = cfg.actor_rollout_ref
+    model, tokenizer = load_model(arr.model.path, dtype=arr.model.dtype, seed=cfg.trainer.seed)
+    model.to(device)
+    if arr.actor.quantization:  # QeRL: the base itself is quantized, adapters train
+        report = quantize_model(model, arr.actor.quantization)
+        log.info("policy quantized to %s:\n%s", arr.actor.quantization, report.table())
+    lora = arr.actor.lora
+    if lora.rank:
+        model = apply_lora(model, lora.rank, lora.alpha, lora.target_modules,
+                           lora.trainable_norms, lora.dropout)
+    if arr.model.enable_gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    trainable, total = trainable_summary(model)
+    log.info("policy: %d of %d parameters trainable", trainable, total)
+    ref = None
+    if arr.actor.use_kl_loss:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    return Policy(model, tokenizer, ref, numerics=None)
+
+
+def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine:
+    """The rollout engine on its own copy of the policy, with the registry's perturbations.
+
+    Built from the frozen config before any rollout, so a perturbation that matches nothing
+    fails now. Trainer-side numerics are installed on the policy after the copy was taken.
+    """
+    arr = cfg.actor_rollout_ref
+    engine_model = copy.deepcopy(policy.model)
+    perturbations = build_perturbations(engine_model, cfg)
+    for p in perturbations:
+        log.info("rollout perturbation %s", p.name)
+    if arr.actor.numerics != "reference":
+        policy.numerics = NumericsEmulator(policy.model, arr.actor.numerics, cfg.trainer.seed)
+    return HFEngine(
+        engine_model,
+        pad_token_id=policy.tokenizer.pad_token_id,
+        stop_token_ids=stop_token_ids(policy.tokenizer, policy.model),
+        perturbations=perturbations,
+        log_prob_source=arr.rollout.log_prob_source,
+        micro_batch_size=arr.rollout.micro_batch_size,
+    )
+
+
+def build_optimizer(cfg: AQNConfig, model: nn.Module) -> torch.optim.AdamW:
+    optim = cfg.actor_rollout_ref.actor.optim
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay)

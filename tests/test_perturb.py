@@ -1,0 +1,170 @@
+"""The perturbation registry, the engine's perturbation list, and the registry's example entry:
+activation noise on the RMSNorm outputs (added as one kernel module + one registry entry)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from aqn.config import load_config
+from aqn.errors import NoTargetsError
+from aqn.noise import NoiseInjectionConfig, NoiseInjector
+from aqn.noise.activation import NormOutputNoise
+from aqn.perturb import REGISTRY, SPECS, AQNNoise, build_perturbations, spec_of
+from aqn.quant import WeightQuantizer
+from aqn.rl.tracking import read_metrics
+from aqn.rl.trainer import GRPOTrainer, train
+from aqn.rollout.base import Perturbations
+
+X = torch.arange(1, 21).unsqueeze(0)
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X).logits
+
+
+def smoke(tmp_path, *overrides, name="run"):
+    return load_config("smoke", [f"trainer.default_local_dir={tmp_path}",
+                                 f"trainer.experiment_name={name}", *overrides])
+
+
+# ------------------------------------------------------------------------------- registry
+
+def test_registry_declares_each_perturbation_once():
+    assert [s.name for s in REGISTRY] == ["quant", "numerics", "aqn", "activation_noise"]
+    assert {s.name: s.in_validation for s in REGISTRY} == {
+        "quant": True, "numerics": True, "aqn": False, "activation_noise": False}
+    assert len({s.metric_prefix for s in REGISTRY}) == len(REGISTRY)
+    assert all(s.metric_prefix.endswith("/") and s.report_section for s in REGISTRY)
+
+
+def test_build_follows_the_config_in_registry_order(tiny):
+    model, _ = tiny
+    cfg = load_config("smoke", ["actor_rollout_ref.rollout.activation_noise=0.05",
+                                "actor_rollout_ref.rollout.quantization=int4",
+                                "trainer.noise_injection.enabled=true"])
+    built = build_perturbations(model, cfg)
+    assert [p.name for p in built] == ["quant", "aqn", "activation_noise"]
+    assert [spec_of(p).kind for p in built] == ["quantization", "noise", "activation"]
+    assert build_perturbations(model, load_config("smoke")) == []
+
+
+def test_an_unregistered_perturbation_is_refused():
+    class Homemade:
+        name = "homemade"
+
+    with pytest.raises(ValueError, match="not a registered perturbation.*homemade"):
+        Perturbations([Homemade()])
+
+
+def test_validation_leaves_out_what_the_registry_declares(tiny):
+    model, _ = tiny
+    injector = NoiseInjector(model, NoiseInjectionConfig(
+        enabled=True, sigma_start=0.05, sigma_end=0.05, num_stages=3, total_steps=10, seed=1))
+    perturbations = Perturbations([WeightQuantizer(model, "int4"), AQNNoise(injector)])
+    metrics = perturbations.apply(5, validation=True)
+    assert "quant/rel_l2" in metrics and not any(k.startswith("aqn/") for k in metrics)
+    assert [p.name for p in perturbations.active] == ["quant"]
+    metrics = perturbations.apply(5)
+    assert metrics["aqn/sigma"] == 0.05 and metrics["aqn/swallowed"] == 0.0
+    assert [p.name for p in perturbations.active] == ["quant", "aqn"]
+    perturbations.restore()
+    assert not perturbations.perturbed
+
+
+# ---------------------------------------------------------------------- activation noise
+
+def test_activation_noise_changes_outputs_not_weights_and_restores_exactly(tiny):
+    model, _ = tiny
+    weights = copy.deepcopy(model.state_dict())
+    clean = logits(model)
+    noise = NormOutputNoise(model, sigma=0.05, seed=1)
+    metrics = noise.apply(step=3)
+    assert metrics == {"act_noise/sigma": 0.05, "act_noise/num_modules": 9.0}
+    noisy = logits(model)
+    assert not torch.allclose(noisy, clean, atol=1e-3)
+    usage = noise.usage()
+    # one forward pass calls each of the 9 norms (2 per layer x 4 layers + final) once
+    assert usage["act_noise/calls"] == 9 and usage["act_noise/modules_called"] == 9
+    assert usage["act_noise/frac_changed"] > 0.99
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k  # it never touches a weight
+    noise.restore()
+    assert torch.equal(logits(model), clean)
+
+
+def test_activation_noise_is_seeded_per_step_and_call(tiny):
+    model, _ = tiny
+    twin = copy.deepcopy(model)
+    noise = NormOutputNoise(model, sigma=0.05, seed=1)
+    noise.apply(step=3)
+    first, second = logits(model), logits(model)
+    assert not torch.equal(first, second)  # fresh noise on every call...
+    noise.apply(step=3)
+    assert torch.equal(logits(model), first)  # ...but the same calls of a step repeat
+    noise.apply(step=4)
+    assert not torch.equal(logits(model), first)
+    same_seed = NormOutputNoise(twin, sigma=0.05, seed=1)
+    same_seed.apply(step=3)
+    assert torch.equal(logits(twin), first)  # another process, the same run
+    same_seed.restore()
+    NormOutputNoise(twin, sigma=0.05, seed=2).apply(step=3)
+    assert not torch.equal(logits(twin), first)
+
+
+def test_activation_noise_that_never_fired_is_an_error(tiny):
+    model, _ = tiny
+    noise = NormOutputNoise(model, sigma=0.05, seed=1)
+    noise.apply(step=0)
+    with pytest.raises(NoTargetsError, match="no hook fired"):
+        noise.usage()
+
+
+def test_activation_noise_with_no_norm_is_an_error():
+    with pytest.raises(NoTargetsError, match="activation noise: AQN matched 0 modules"):
+        NormOutputNoise(nn.Sequential(nn.Linear(4, 4)), sigma=0.05, seed=1)
+
+
+def test_activation_noise_config_is_checked():
+    from aqn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="activation_noise"):
+        load_config("smoke", ["actor_rollout_ref.rollout.activation_noise=-0.1"])
+
+
+def test_activation_noise_in_training_is_counted_off_in_validation_and_never_in_the_trainer(
+        tmp_path):
+    cfg = smoke(tmp_path, "actor_rollout_ref.rollout.activation_noise=0.05")
+    trainer = GRPOTrainer(cfg)
+    assert [p.name for p in trainer.engine.perturbations.all] == ["activation_noise"]
+    trainer.fit()
+    rows = read_metrics(tmp_path / "run")
+    steps = [r for r in rows if r["step"] >= 1]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["act_noise/sigma"] == 0.05
+        # generation (one call per norm per token) and the recompute pass both went through
+        assert r["act_noise/calls"] > 9 * 16
+        assert r["rollout_corr/abs_logp_diff_mean"] > 0  # the rollout saw the noise
+    assert not any(k.startswith("val-aux/act_noise") for r in rows for k in r)
+    # the hooks lived on the engine's copy only (the counts above come from there)
+    assert all(not m._forward_hooks for m in trainer.policy.modules())
+
+
+def test_activation_noise_off_gives_the_unperturbed_run(tmp_path):
+    train(smoke(tmp_path, name="plain"))
+    train(smoke(tmp_path, "actor_rollout_ref.rollout.activation_noise=0.0", name="zero"))
+
+    def values(name):
+        return [{k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
+                for r in read_metrics(tmp_path / name)]
+
+    assert values("plain") == values("zero")
+
+
+def test_every_spec_is_reachable_by_name():
+    assert set(SPECS) == {s.name for s in REGISTRY}
