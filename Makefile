@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 AQN := $(VENV)/bin/aqn
 STAMP := $(VENV)/.aqn-installed
 
-.PHONY: setup setup-race demo test test-all lint bench bench-race clean
+.PHONY: setup setup-race demo test test-slow test-all lint bench bench-race clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,14 @@ demo: setup
 	$(AQN) pretrain-tiny
 	$(AQN) sweep --preset demo --jobs 2 --report
 
+# The default suite (under 10 minutes) after ruff; tests/test_layers.py is part of it.
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The slow tier (tests marked slow: the testbed learning end to end, ~3 min); CI runs it too.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"

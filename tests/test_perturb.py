@@ -155,6 +155,16 @@ def test_activation_noise_in_training_is_counted_off_in_validation_and_never_in_
     assert all(not m._forward_hooks for m in trainer.policy.modules())
 
 
+def test_the_report_shows_a_registered_perturbation_without_knowing_it(tmp_path):
+    from aqn.experiments.report import build_report
+
+    train(smoke(tmp_path, "actor_rollout_ref.rollout.activation_noise=0.05", name="act"))
+    md = build_report([tmp_path / "act"], tmp_path / "report").markdown
+    section = md.split("Activation noise on the norm outputs", 1)[1].split("\n#", 1)[0]
+    assert "act_noise/calls" in section and "act_noise/sigma" in section
+    assert "| act | " in section and "0.05" in section
+
+
 def test_activation_noise_off_gives_the_unperturbed_run(tmp_path):
     train(smoke(tmp_path, name="plain"))
     train(smoke(tmp_path, "actor_rollout_ref.rollout.activation_noise=0.0", name="zero"))

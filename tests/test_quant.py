@@ -74,8 +74,8 @@ def test_fp4_outputs_are_grid_values_times_a_block_scale(fmt):
     assert on_grid.any(-1).all()
 
 
-# Relative L2 error and SQNR on Gaussian weights (REFERENCE.md section 4 for the first
-# three; int4 g128 asymmetric and int8 per-channel measured here and by torchao).
+# Relative L2 error and SQNR on Gaussian weights (docs/reference.md#quantization-formats for
+# the first three; int4 g128 asymmetric and int8 per-channel measured here and by torchao).
 EXPECTED = {
     "nvfp4": (0.0952, 20.43),
     "mxfp4": (0.1145, 18.83),

@@ -66,6 +66,7 @@ def write_run(
                 "aqn/effective_std": sigma if fine else 0.0,
                 "aqn/drawn_std": sigma,
                 "aqn/frac_changed": (1.0 if fine else 0.0) if sigma else 0.0,
+                "aqn/swallowed": float(bool(sigma) and not fine),
             }
         if step in correct_at:
             row["val-core/arith/reward/mean@1"] = correct_at[step] / N_ITEMS
@@ -179,6 +180,25 @@ def test_swallowed_noise_is_flagged(report):
     assert not any("aqn/seed" in line or "tiny/seed1" in line for line in warn)
     page = (report.paths[0].parent / "report.html").read_text()
     assert re.search(r'<p class="warning" style="color:#c00000">[^<]*tiny/seed2', page)
+
+
+def test_the_report_reads_the_injectors_swallowed_flag(tmp_path):
+    """One rule: a step the injector flagged is a warning even where the metrics alone look
+    fine to another rule (frac_changed 0.6); an unflagged step is not."""
+    run = write_run(tmp_path / "sweep", "flagged", 1, {0: 30, 10: 30}, aqn=True)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["step"] == 8:
+            row |= {"aqn/frac_changed": 0.6, "aqn/swallowed": 1.0}
+        if row["step"] == 9:
+            row |= {"aqn/frac_changed": 0.1, "aqn/swallowed": 0.0}
+        if row["step"] == 10:
+            del row["aqn/swallowed"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = build_report([tmp_path / "sweep"], tmp_path / "out")
+    assert len(r.warnings) == 2
+    assert "no aqn/swallowed flag" in r.warnings[0] and "steps 10 " in r.warnings[0]
+    assert "swallowed by the cast" in r.warnings[1] and "steps 8 (1 of 10" in r.warnings[1]
 
 
 def test_aqn_without_metrics_is_flagged(tmp_path):

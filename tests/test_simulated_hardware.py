@@ -24,7 +24,7 @@ def run(tmp_path, name, *overrides):
 def test_quantized_rollout_leaves_the_trainer_clean(tmp_path):
     trainer, rows = run(tmp_path, "q", "actor_rollout_ref.rollout.quantization=nvfp4")
     for r in rows:
-        assert r["quant/rel_l2"] == pytest.approx(0.095, abs=0.01)  # REFERENCE §4
+        assert r["quant/rel_l2"] == pytest.approx(0.095, abs=0.01)  # docs/reference.md
         assert r["quant/num_layers"] == 28  # every Linear of the 4 layers, not lm_head
         assert r["rollout_corr/abs_logp_diff_mean"] > 1e-3
     clean, _ = build_tiny(seed=trainer.cfg.trainer.seed)

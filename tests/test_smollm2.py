@@ -42,6 +42,7 @@ def test_cache_is_safetensors_and_bf16_loads(smol):
     assert torch.equal(model.model.norm.weight, ref.to(torch.bfloat16))
 
 
+@pytest.mark.slow  # ~45 s: the hub lookup it must refuse takes its time to fail offline
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(smollm2, "gguf_path", lambda: None)
     monkeypatch.setenv("AQN_CACHE_DIR", str(tmp_path))

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 from aqn.config import ConfigError
 from aqn.experiments.sweep import SweepSpec, load_sweep, out_dir_of, run_status, run_sweep
@@ -22,7 +23,10 @@ def test_sweep_runs_every_pair_and_records_the_machine(tmp_path):
     assert json.loads((run / "run.json").read_text()) == {
         "variant": "AQN-QeRL", "seed": 2, "status": "done", "error": None}
     machine = json.loads((run / "machine.json").read_text())
-    assert machine["device"] == "cpu" and machine["threads"] >= 1 and machine["torch"]
+    # the device the run's config resolved to (trainer.device), not merely this machine's
+    device = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["device"]
+    assert machine["device"] == device == "cpu"
+    assert machine["threads"] >= 1 and machine["torch"]
     assert "aqn/sigma" in read_metrics(run)[-1]
     assert run_sweep(spec) == {k: "skipped" for k in results}
 

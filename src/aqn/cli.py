@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -11,6 +12,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aqn.errors import ConfigError, ModelUnavailableError, NoTargetsError, TrainingError
+
+
+@functools.cache
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Argument choices, read from the tables the code itself uses (never listed twice)."""
+    from typing import get_args, get_type_hints
+
+    from aqn.models import DTYPES
+    from aqn.noise import NoiseInjectionConfig
+    from aqn.noise.schedule import EXPONENTS, PRESETS
+    from aqn.numerics import PROFILES
+    from aqn.quant import FORMATS
+
+    hints = get_type_hints(NoiseInjectionConfig)
+    return {"dtype": tuple(DTYPES), "preset": tuple(PRESETS), "exponent": EXPONENTS,
+            "profile": tuple(PROFILES), "format": tuple(FORMATS),
+            "distribution": get_args(hints["distribution"]), "mode": get_args(hints["mode"])}
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -39,12 +57,12 @@ def _noise_config(args: argparse.Namespace):
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="qerl",
-                   help="qerl, qerl-scripts, mild, strong, small (default: qerl)")
+    p.add_argument("--preset", default="qerl", choices=_choices()["preset"],
+                   help="default: qerl")
     p.add_argument("--sigma-start", type=float)
     p.add_argument("--sigma-end", type=float)
     p.add_argument("--num-stages", type=int)
-    p.add_argument("--exponent", choices=["qerl-code", "paper"], default="qerl-code")
+    p.add_argument("--exponent", choices=_choices()["exponent"], default="qerl-code")
     p.add_argument("--total-steps", type=int, required=True)
 
 
@@ -73,14 +91,15 @@ def _selection_kwargs(args: argparse.Namespace) -> dict:
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
     """The model and the probe prompts a mismatch measurement runs on (numerics, quant)."""
     p.add_argument("--model", default="tiny-base")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32",
+                   choices=[d for d in _choices()["dtype"] if d != "float16"])
     p.add_argument("--prompts", type=int, default=16, help="arith test prompts (default 16)")
     p.add_argument("--new-tokens", type=int, default=64)
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' or a Hugging Face model path/id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=_choices()["dtype"])
     p.add_argument("--class-pattern", action="append",
                    help="class-name pattern (repeatable; default: rmsnorm)")
     p.add_argument("--target", action="append", help="module path pattern (repeatable)")
@@ -267,9 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per stage: sigma, effective std after the cast, elements changed")
     _add_selection_args(p)
     _add_schedule_args(p)
-    p.add_argument("--distribution", choices=["gaussian", "uniform", "quant_error"],
-                   default="gaussian")
-    p.add_argument("--mode", choices=["additive", "multiplicative"], default="additive")
+    p.add_argument("--distribution", choices=_choices()["distribution"], default="gaussian")
+    p.add_argument("--mode", choices=_choices()["mode"], default="additive")
     p.add_argument("--fp32-targets", action="store_true", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -277,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("numerics", help="mismatch a simulated hardware numerics profile "
                        "causes against reference, compared with published GPU/NPU figures")
     _add_probe_args(p)
-    p.add_argument("--profile", default="npu-like", help="gpu-like, npu-like, npu-naive")
+    p.add_argument("--profile", default="npu-like", choices=_choices()["profile"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_numerics)
@@ -285,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--mismatch, the rollout mismatch it causes)")
     _add_probe_args(p)
     p.add_argument("--format", default="all",
-                   choices=["all", "nvfp4", "mxfp4", "int4", "int8", "fp8_e4m3"])
+                   choices=["all", *_choices()["format"]])
     p.add_argument("--layers", action="store_true", help="also print the per-layer tables")
     p.add_argument("--mismatch", action="store_true",
                    help="also measure |dlogp| of a quantized engine vs the clean model")
@@ -330,13 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers imports torchao when it is installed (the parser's choices import the
+    # registries); its import-time chatter about kernels this CPU build lacks says nothing
+    # about the run.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    # transformers imports torchao when it is installed; its import-time chatter about
-    # kernels this CPU build lacks says nothing about the run.
-    for noisy in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         args.func(args)
     except (ConfigError, NoTargetsError, TrainingError, ModelUnavailableError, ValueError,

@@ -1,6 +1,6 @@
 """YAML + dotted overrides -> a validated, frozen dataclass tree.
 
-Strict by design (defect 6 of REFERENCE §1 came from config that was not what it seemed):
+Strict by design (defect 6 in docs/reference.md came from config that was not what it seemed):
 unknown keys and wrong types are errors naming the full dotted key and the closest valid
 one; values are coerced only where the meaning is unambiguous (an int for a float field,
 a numeric string such as ``1e-3`` for a number, a list for a tuple).

@@ -218,7 +218,7 @@ class TrainerConfig:
     total_training_steps: int = 100
     test_freq: int = 20  # validate every N steps (and at the end); <= 0: only at the end
     val_before_train: bool = True
-    # Validate the perturbed engine instead of clean weights (REFERENCE defect 7).
+    # Validate the perturbed engine instead of clean weights (docs/reference.md, defect 7).
     validate_with_perturbation: bool = False
     save_freq: int = 50  # checkpoint every N steps (and at the end); <= 0: only at the end
     default_local_dir: str = "runs"  # the run directory is <default_local_dir>/<experiment_name>

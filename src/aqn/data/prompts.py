@@ -2,7 +2,8 @@
 
 - ``plain``: the question alone (what the tiny base was trained on).
 - ``verl``: the question followed by verl's GSM8K instruction to answer after "####"
-  (REFERENCE §2); scored by the ``strict`` / ``flexible`` / ``numeric`` rules.
+  (docs/reference.md#gsm8k-data-and-prompt); scored by the ``strict`` / ``flexible`` /
+  ``numeric`` rules.
 - ``qerl``: QeRL's reasoning format, a system message asking for
   ``<think>...</think><answer>...</answer>``; scored 2.0 for the right answer inside
   ``<answer>`` plus 0.2 for the format (``aqn.rewards.qerl``).

@@ -11,12 +11,10 @@ from typing import Any
 
 import yaml
 
+from aqn import metric_keys as keys
 from aqn.data.jsonl import load_jsonl
 
 _VAL_FILE = re.compile(r"step_(\d+)\.jsonl")
-_VAL_PREFIX, _VAL_SUFFIX = "val-core/", "/reward/mean@1"
-# Accuracy (fraction correct); equal to the mean reward for 0/1 rewards, not for qerl's 2.2.
-_ACC_SUFFIX = "/acc/mean@1"
 
 
 class RunLoadError(ValueError):
@@ -91,15 +89,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise RunLoadError(f"{path}: malformed JSON: {e.msg}") from e
 
 
-def _data_source(metrics: list[dict[str, Any]]) -> str | None:
-    sources = sorted(
-        {
-            key[len(_VAL_PREFIX) : -len(_VAL_SUFFIX)]
-            for row in metrics
-            for key in row
-            if key.startswith(_VAL_PREFIX) and key.endswith(_VAL_SUFFIX)
-        }
-    )
+def _data_source(metrics: list[dict[str, Any]], n: int) -> str | None:
+    sources = sorted({m["source"] for row in metrics for key in row
+                      if (m := keys.VAL_CORE.fullmatch(key)) and int(m["n"]) == n})
     return sources[0] if sources else None
 
 
@@ -121,7 +113,8 @@ def load_run(path: str | Path) -> RunData:
             if m:
                 val[int(m.group(1))] = _read_jsonl(f)
     run_info = _read_json(path / "run.json")
-    data_source = _data_source(metrics)
+    val_n = int(_get(config, "actor_rollout_ref.rollout.val_kwargs.n", 1))
+    data_source = _data_source(metrics, val_n)
     run = RunData(
         path=path,
         variant=str(run_info.get("variant") or _get(config, "trainer.experiment_name", path.name)),
@@ -135,8 +128,9 @@ def load_run(path: str | Path) -> RunData:
         data_source=data_source,
     )
     if data_source is not None:
-        run.accuracy = (run.series(f"{_VAL_PREFIX}{data_source}{_ACC_SUFFIX}")
-                        or run.series(f"{_VAL_PREFIX}{data_source}{_VAL_SUFFIX}"))
+        # accuracy (fraction correct) equals the mean reward for 0/1 rewards, not for qerl's
+        run.accuracy = (run.series(keys.val_core(data_source, "acc", val_n))
+                        or run.series(keys.val_core(data_source, "reward", val_n)))
     # Steps whose per-item file exists but whose metric row is missing (a run cut off
     # between writing the two) still count, scored the same way as the metric.
     for step, items in run.val.items():

@@ -12,7 +12,7 @@ paired test says so. Two kinds of noise matter and are tested separately:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,3 +149,17 @@ def seed_test(a_by_seed: dict[int, float], b_by_seed: dict[int, float]) -> SeedT
     p_value = float(sps.ttest_rel(b, a).pvalue)
     half = float(sps.t.ppf(0.975, n - 1)) * float(diffs.std(ddof=1)) / math.sqrt(n)
     return SeedTestResult(n, mean, mean - half, mean + half, p_value, "paired t-test")
+
+
+def avg(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def mean_curve(curves: Iterable[dict[int, float]]) -> dict[int, float]:
+    """Per step, the mean over the curves that have that step."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve.items():
+            by_step.setdefault(step, []).append(value)
+    return {s: sum(v) / len(v) for s, v in sorted(by_step.items())}

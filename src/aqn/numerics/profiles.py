@@ -1,7 +1,8 @@
 """Numerics profiles: how a simulated piece of hardware computes a transformer's forward pass.
 
 A profile is a combination of four knobs, each the numerical behaviour of one kind of
-kernel (REFERENCE §3 lists them as the sources of GPU-vs-NPU differences):
+kernel (docs/reference.md#sources-of-hardware-differences lists them as the sources of
+GPU-vs-NPU differences):
 
 - ``matmul``: ``fp32`` leaves ``nn.Linear`` alone (fp32 accumulation, as PyTorch on CPU and
   tensor cores do); ``bf16_splitk`` cuts the reduction dimension into chunks of
@@ -93,7 +94,8 @@ class NumericsProfile:
 
 
 # These are simulations, not measurements of any specific chip: each knob reproduces one
-# *kind* of difference that public reports name (REFERENCE §3), at a plausible setting.
+# *kind* of difference that public reports name, at a plausible setting
+# (docs/reference.md#sources-of-hardware-differences).
 PROFILES: dict[str, NumericsProfile] = {
     "reference": NumericsProfile(
         name="reference",

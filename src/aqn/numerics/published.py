@@ -1,4 +1,5 @@
-"""Published rollout-vs-training mismatch figures (REFERENCE §3) and a report against them."""
+"""Published rollout-vs-training mismatch figures (docs/reference.md#published-mismatch-figures)
+and a report against them."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def mismatch_report(mean_abs_logp_diff: float, label: str = "measured",
         extra.append(f"{num_tokens} tokens")
     if extra:
         lines[0] += f" ({', '.join(extra)})"
-    lines.append("published (REFERENCE §3), mean |Δlogp| per token:")
+    lines.append("published (docs/reference.md#published-mismatch-figures), "
+                 "mean |Δlogp| per token:")
     place = compare_to_published(mean_abs_logp_diff)
     width = max(len(r.setting) for r in PUBLISHED_MISMATCH.values())
     for key, ref in PUBLISHED_MISMATCH.items():

@@ -1,6 +1,6 @@
 """GSM8K answer extraction and scoring.
 
-`strict` and `flexible` follow verl's GSM8K reward (REFERENCE.md section 2) so that our
+`strict` and `flexible` follow verl's GSM8K reward (docs/reference.md#gsm8k-reward) so that our
 accuracies compare with the seed's runs. `numeric` is ours: the same extraction, but the
 answer is compared with the ground truth by value, so `1,234`, `1234.0` and `$1234` all
 count as `1234`. Model output is only parsed with regexes and `Decimal`, never evaluated.

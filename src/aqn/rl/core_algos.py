@@ -49,7 +49,7 @@ def grpo_advantages(
     ``std_g`` is the unbiased standard deviation of the group's scores; with
     ``norm_by_std=False`` the advantage is ``r - mean_g`` (Dr. GRPO). A group of one has no
     peer to compare with and gets advantage 0. (verl's code uses mean 0 and std 1 there,
-    which gives the raw score; we follow the project reference, which asks for 0.)
+    which gives the raw score; we follow docs/reference.md#grpo-advantages, which asks for 0.)
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [batch], got shape {tuple(scores.shape)}")

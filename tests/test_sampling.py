@@ -1,0 +1,63 @@
+"""Top-k / top-p filtering of the sampler, and what machine.json records."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aqn.machine import machine_info
+from aqn.rollout.hf import filter_logits
+
+INF = float("-inf")
+
+
+def test_no_filter_is_the_identity():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(filter_logits(logits, top_k=-1, top_p=1.0), logits)
+    assert torch.equal(filter_logits(logits, top_k=10, top_p=1.0), logits)  # k = vocab
+
+
+def test_top_k_keeps_the_k_largest_per_row():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, -1.0, 9.0, 8.0, 7.0]])
+    out = filter_logits(logits, top_k=2, top_p=1.0)
+    assert out.tolist() == [[INF, 5.0, INF, 4.0, INF], [INF, INF, 9.0, 8.0, INF]]
+
+
+def test_top_k_keeps_ties_at_the_kth_value():
+    out = filter_logits(torch.tensor([[3.0, 1.0, 3.0, 3.0]]), top_k=2, top_p=1.0)
+    assert out.tolist() == [[3.0, INF, 3.0, 3.0]]
+
+
+def test_top_p_keeps_the_token_that_crosses_p():
+    # probabilities 0.5, 0.3, 0.15, 0.05 (sorted); cumulative 0.5, 0.8, 0.95, 1.0
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    logits = probs.log()
+    kept = filter_logits(logits, top_k=-1, top_p=0.7) > INF
+    assert kept.tolist() == [[False, True, False, True]]  # 0.5 < 0.7, then 0.3 crosses it
+    kept = filter_logits(logits, top_k=-1, top_p=0.45) > INF
+    assert kept.tolist() == [[False, True, False, False]]  # the first token is enough
+    kept = filter_logits(logits, top_k=-1, top_p=0.9) > INF
+    assert kept.tolist() == [[True, True, False, True]]
+    kept = filter_logits(logits, top_k=-1, top_p=0.96) > INF  # 0.95 is short of it
+    assert kept.tolist() == [[True, True, True, True]]
+    # the top token always survives, however small p
+    assert (filter_logits(logits, top_k=-1, top_p=1e-6) > INF).sum() == 1
+
+
+def test_top_k_then_top_p_renormalises_over_the_kept_tokens():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    out = filter_logits(probs.log(), top_k=3, top_p=0.6)
+    # after top-3 the kept mass is 0.9: 0.444, 0.333, 0.222 -> cumulative crosses 0.6 at two
+    assert (out > INF).tolist() == [[True, True, False, False]]
+    assert out.softmax(-1)[0, :2].sum().item() == pytest.approx(1.0)
+    assert math.isinf(out[0, 3].item())
+
+
+def test_machine_json_names_the_device_the_run_uses(monkeypatch):
+    assert machine_info("float32", "cpu")["device"] == "cpu"
+    assert machine_info("float32", torch.device("meta"))["device"] == "meta"  # not ignored
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    info = machine_info("bfloat16", "cuda")
+    assert info["device"] == "Some GPU" and info["dtype"] == "bfloat16"
