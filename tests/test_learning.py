@@ -18,7 +18,7 @@ def test_the_tiny_testbed_baseline_learns(tmp_path):
     last = train(cfg)
     run = load_run(tmp_path / "baseline")
     assert sorted(run.accuracy) == [0, 10, 20, 30, 40]
-    # measured: 30.0 % -> 62.6 % (AMD EPYC), 40.75 % -> 66.0 % (the machine of an earlier session); the
-    # base differs per CPU type, the gain of 20+ points does not
+    # measured: 30.0 % -> 62.6 % (AMD EPYC), 40.75 % -> 66.0 % (an earlier session's machine):
+    # the base differs per CPU type, the gain of 20+ points does not
     assert run.accuracy[40] - run.accuracy[0] > 0.15
     assert last["actor/zero_adv_frac"] < 1.0

@@ -4,20 +4,23 @@ activation noise on the RMSNorm outputs (added as one kernel module + one regist
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 from torch import nn
 
-from aqn.config import load_config
+from aqn.config import ConfigError, load_config
 from aqn.errors import NoTargetsError
+from aqn.experiments.report import build_report
 from aqn.noise import NoiseInjectionConfig, NoiseInjector
 from aqn.noise.activation import NormOutputNoise
 from aqn.perturb import REGISTRY, SPECS, AQNNoise, build_perturbations, spec_of
 from aqn.quant import WeightQuantizer
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
-from aqn.rollout.base import Perturbations
+from aqn.rollout.base import Engine, Perturbations
+from aqn.rollout.hf import HFEngine
 
 X = torch.arange(1, 21).unsqueeze(0)
 
@@ -130,8 +133,6 @@ def test_activation_noise_with_no_norm_is_an_error():
 
 
 def test_activation_noise_config_is_checked():
-    from aqn.config import ConfigError
-
     with pytest.raises(ConfigError, match="activation_noise"):
         load_config("smoke", ["actor_rollout_ref.rollout.activation_noise=-0.1"])
 
@@ -156,8 +157,6 @@ def test_activation_noise_in_training_is_counted_off_in_validation_and_never_in_
 
 
 def test_the_report_shows_a_registered_perturbation_without_knowing_it(tmp_path):
-    from aqn.experiments.report import build_report
-
     train(smoke(tmp_path, "actor_rollout_ref.rollout.activation_noise=0.05", name="act"))
     md = build_report([tmp_path / "act"], tmp_path / "report").markdown
     section = md.split("Activation noise on the norm outputs", 1)[1].split("\n#", 1)[0]
@@ -174,6 +173,13 @@ def test_activation_noise_off_gives_the_unperturbed_run(tmp_path):
                 for r in read_metrics(tmp_path / name)]
 
     assert values("plain") == values("zero")
+
+
+def test_the_hf_engine_implements_the_engine_protocol():
+    for name in ("sync_weights", "generate", "logprobs"):
+        assert (inspect.signature(getattr(HFEngine, name)).parameters.keys()
+                == inspect.signature(getattr(Engine, name)).parameters.keys()), name
+    assert set(Engine.__annotations__) == {"micro_batch_size", "perturbations"}
 
 
 def test_every_spec_is_reachable_by_name():

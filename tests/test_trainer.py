@@ -104,7 +104,8 @@ def test_run_directory_contents(tmp_path):
     last = metrics[-1]
     for key in ("actor/entropy", "actor/pg_loss", "actor/pg_clipfrac", "actor/grad_norm",
                 "critic/score/mean", "response_length/mean", "timing_s/gen",
-                "timing_s/update_weights", "timing_s/old_log_prob", "timing_s/update_actor",
+                "timing_s/update_weights", "timing_s/perturb", "timing_s/old_log_prob",
+                "timing_s/update_actor",
                 "timing_s/reward", "perf/throughput", "aqn/effective_std",
                 "val-core/arith/reward/mean@1"):
         assert key in last and math.isfinite(last[key]), key
