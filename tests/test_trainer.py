@@ -145,6 +145,21 @@ def test_resume_refuses_a_changed_config(tmp_path):
         GRPOTrainer(smoke(tmp_path, "trainer.resume=true", "actor_rollout_ref.rollout.n=2"))
 
 
+def test_resume_accepts_a_run_written_before_a_key_existed(tmp_path):
+    """A run from an aqn without a later key resumes if the key keeps its default."""
+    train(smoke(tmp_path))
+    config = tmp_path / "run" / "config.yaml"
+    lines = config.read_text().splitlines(keepends=True)
+    older = "".join(x for x in lines if x.strip() != "activation_noise: 0.0")
+    assert len(older) < sum(map(len, lines))
+    config.write_text(older)
+    GRPOTrainer(smoke(tmp_path, "trainer.resume=true"))  # resumes
+    config.write_text(older)
+    with pytest.raises(ConfigError, match="differs in actor_rollout_ref.rollout.activation_noise"):
+        GRPOTrainer(smoke(tmp_path, "trainer.resume=true",
+                          "actor_rollout_ref.rollout.activation_noise=0.1"))
+
+
 def test_no_targets_fails_before_training(tmp_path):
     cfg = smoke(tmp_path, *AQN, "trainer.noise_injection.class_patterns=[layernorm]")
     with pytest.raises(NoTargetsError, match="LlamaRMSNorm x9"):

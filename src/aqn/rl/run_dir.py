@@ -49,8 +49,12 @@ def prepare_run_dir(cfg: AQNConfig) -> Path:
                 "continue it or choose another trainer.experiment_name", "trainer.resume")
         old = _flat(yaml.safe_load(config_file.read_text()))
         new = _flat(config_to_dict(cfg))
+        # A key that a newer aqn added is no change when the run keeps its default (the old
+        # run computed what the default computes).
+        defaults = _flat(config_to_dict(AQNConfig()))
         changed = sorted(k for k in old.keys() | new.keys()
-                         if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+                         if k not in RESUMABLE_KEYS
+                         and old.get(k, defaults.get(k)) != new.get(k))
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: the config differs in "
                               f"{', '.join(changed)}", changed[0])
