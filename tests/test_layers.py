@@ -18,7 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "aqn"
 # Lowest first. A package may import packages of lower layers only; packages that share a
 # layer stay independent of each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "hashing", "modules", "machine", "token_math", "metric_keys", "configs"),
+    ("errors", "hashing", "modules", "machine", "token_math", "metric_keys", "configs",
+     "files"),
     ("noise", "quant", "numerics"),  # perturbation kernels: pure PyTorch
     ("data", "rewards"),
     ("models",),  # the tiny base is pretrained on the arith data and scored by the reward

@@ -109,7 +109,8 @@ def test_run_directory_contents(tmp_path):
                 "timing_s/reward", "perf/throughput", "aqn/effective_std",
                 "val-core/arith/reward/mean@1"):
         assert key in last and math.isfinite(last[key]), key
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_4"]
+    # the newest two are kept (trainer.max_actor_ckpt_to_keep)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4"]
 
 
 def test_resume_gives_the_same_run(tmp_path, monkeypatch):

@@ -223,6 +223,9 @@ class TrainerConfig:
     save_freq: int = 50  # checkpoint every N steps (and at the end); <= 0: only at the end
     default_local_dir: str = "runs"  # the run directory is <default_local_dir>/<experiment_name>
     resume: bool = False  # continue from the run directory's last checkpoint
+    # Checkpoints kept (the newest). verl's null keeps all; aqn keeps 2 so that a checkpoint
+    # torn by a kill while saving always has an intact one before it.
+    max_actor_ckpt_to_keep: int | None = 2
     logger: tuple[Literal["console", "jsonl", "tensorboard", "wandb"], ...] = ("console", "jsonl")
     progress_bar: bool = True
     noise_injection: NoiseInjectionConfig = field(default_factory=NoiseInjectionConfig)
@@ -231,6 +234,9 @@ class TrainerConfig:
         if self.total_training_steps <= 0:
             raise ConfigError(f"must be > 0, got {self.total_training_steps}",
                               "total_training_steps")
+        if self.max_actor_ckpt_to_keep is not None and self.max_actor_ckpt_to_keep < 1:
+            raise ConfigError(f"must be >= 1 (null: keep all), got "
+                              f"{self.max_actor_ckpt_to_keep}", "max_actor_ckpt_to_keep")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from aqn.experiments.render import (
 )
 from aqn.experiments.runs import RunData, find_runs
 from aqn.experiments.stats import ALPHA, avg, mean_curve
+from aqn.files import write_atomic
 from aqn.perturb import REGISTRY
 
 PLOTS = {  # file -> (metric, title, x axis); accuracy comes from the validation curves
@@ -452,8 +453,8 @@ def build_report(
 
     markdown = to_markdown(blocks)
     page = to_html(blocks, out_dir, "AQN run report")
-    (out_dir / "report.md").write_text(markdown, encoding="utf-8")
-    (out_dir / "report.html").write_text(page, encoding="utf-8")
+    write_atomic(out_dir / "report.md", markdown)
+    write_atomic(out_dir / "report.html", page)
     written = [out_dir / "report.md", out_dir / "report.html"]
     if groups:
         written += [out_dir / file for file in PLOTS]

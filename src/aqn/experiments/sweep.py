@@ -41,6 +41,7 @@ import torch
 from aqn.config import AQNConfig, load_config
 from aqn.config.loader import build, read_yaml
 from aqn.errors import ConfigError
+from aqn.files import write_atomic
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -130,7 +131,7 @@ def run_config(spec: SweepSpec, variant: str, seed: int, resume: bool) -> AQNCon
 def _write_status(run_dir: Path, variant: str, seed: int, status: str,
                   error: str | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps(
+    write_atomic(run_dir / RUN_FILE, json.dumps(
         {"variant": variant, "seed": seed, "status": status, "error": error}, indent=1))
 
 
@@ -171,7 +172,7 @@ def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
         run_config(spec, v, s, resume=False)
     out = out_dir_of(spec)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(
+    write_atomic(out / "sweep.json", json.dumps(
         {**spec.__dict__, "variants": {k: list(v) for k, v in spec.variants.items()}},
         indent=1))
     results: dict[str, str] = {}

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from aqn.files import write_atomic
+
 STATE_FILE = "state.json"
 
 
@@ -21,16 +23,26 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step}"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoints, newest first (``step_N.tmp`` left by a crash while
+    saving is not one)."""
     root = run_dir / "checkpoints"
-    # a step_N.tmp left by a crash while saving is not a checkpoint
-    done = [p for p in root.glob("step_*") if p.name.removeprefix("step_").isdigit()
-            and (p / STATE_FILE).exists()] if root.exists() else []
-    return max(done, key=lambda p: int(p.name.removeprefix("step_")), default=None)
+    found = [(int(p.name.removeprefix("step_")), p) for p in root.glob("step_*")
+             if p.is_dir() and p.name.removeprefix("step_").isdigit()] if root.exists() else []
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one whose state file was written)."""
+    done = [p for _, p in checkpoint_steps(run_dir) if (p / STATE_FILE).exists()]
+    return done[0] if done else None
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, extra: dict, keep: int = 1) -> Path:
+                    optimizer: torch.optim.Optimizer, extra: dict, keep: int | None = 2
+                    ) -> Path:
+    """Write checkpoint ``step`` beside the others, then drop all but the newest ``keep``
+    (None: keep all)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -42,12 +54,12 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "param_groups": opt["param_groups"], **extra}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     older = sorted((p for p in final.parent.glob("step_*") if p != final and p.is_dir()),
                    key=lambda p: int(p.name.removeprefix("step_").removesuffix(".tmp")))
-    for p in older[: max(0, len(older) - (keep - 1))]:
+    for p in older[: max(0, len(older) - (keep - 1))] if keep is not None else ():
         shutil.rmtree(p, ignore_errors=True)
     return final
 

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,14 +18,53 @@ from torch import nn
 
 from aqn.config import AQNConfig, config_to_dict, dump_config
 from aqn.errors import ConfigError
+from aqn.files import write_atomic
 from aqn.machine import machine_info
-from aqn.rl.checkpoint import latest_checkpoint, load_checkpoint
+from aqn.rl.checkpoint import checkpoint_steps, load_checkpoint
 from aqn.rl.tracking import truncate_metrics
 
 log = logging.getLogger(__name__)
 
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.logger")
+# Keys that may change between a run and its resumption (a moved or renamed run directory
+# resumes: where it lives is not what it computes).
+RESUMABLE_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.logger",
+                  "trainer.default_local_dir", "trainer.experiment_name")
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of the run: one writer at a time.
+
+    ``flock`` on ``<run_dir>/.lock``, which holds the writer's pid; the kernel drops the
+    lock when the process ends, however it ends, so a killed run never leaves it stale.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"run directory {run_dir} is in use by a running aqn process (pid {holder}); "
+                "wait for it to finish or choose another trainer.experiment_name",
+                "trainer.experiment_name") from None
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def __del__(self) -> None:  # a trainer dropped without fit() frees its directory
+        self.release()
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def run_dir_of(cfg: AQNConfig) -> Path:
@@ -38,9 +79,24 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def prepare_run_dir(cfg: AQNConfig) -> Path:
-    """Create (or, on resume, check) the run directory; write the resolved config."""
+def prepare_run_dir(cfg: AQNConfig) -> tuple[Path, RunLock]:
+    """Lock the run directory, then create it (or, on resume, check it against the config).
+
+    The lock comes first, so two runs started at once cannot both pass the "already holds a
+    run" check. The resolved config is written once, when the run starts; a resume leaves
+    the file as it was (a full disk then cannot truncate it).
+    """
     run_dir = run_dir_of(cfg)
+    if cfg.trainer.resume and not (run_dir / "config.yaml").exists():
+        # a mistyped name must not start a new run while the user thinks one continues
+        raise ConfigError(f"trainer.resume=true, but {run_dir} holds no run (no config.yaml): "
+                          "check trainer.experiment_name and trainer.default_local_dir, or "
+                          "drop trainer.resume to start a new run", "trainer.resume")
+    try:
+        lock = RunLock(run_dir)
+    except OSError as e:
+        raise ConfigError(f"cannot write the run directory {run_dir}: {e.strerror}",
+                          "trainer.default_local_dir") from None
     config_file = run_dir / "config.yaml"
     if config_file.exists():
         if not cfg.trainer.resume:
@@ -56,15 +112,18 @@ def prepare_run_dir(cfg: AQNConfig) -> Path:
                          if k not in RESUMABLE_KEYS
                          and old.get(k, defaults.get(k)) != new.get(k))
         if changed:
+            lock.release()
             raise ConfigError(f"cannot resume {run_dir}: the config differs in "
                               f"{', '.join(changed)}", changed[0])
     try:
         (run_dir / "val").mkdir(parents=True, exist_ok=True)
-        config_file.write_text(dump_config(cfg))
+        if not config_file.exists():
+            write_atomic(config_file, dump_config(cfg))
     except OSError as e:
+        lock.release()
         raise ConfigError(f"cannot write the run directory {run_dir}: {e.strerror}",
                           "trainer.default_local_dir") from None
-    return run_dir
+    return run_dir, lock
 
 
 def resume(run_dir: Path, cfg: AQNConfig, model: nn.Module,
@@ -76,10 +135,7 @@ def resume(run_dir: Path, cfg: AQNConfig, model: nn.Module,
     """
     start = 0
     if cfg.trainer.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            start = load_checkpoint(ckpt, model, optimizer)["step"]
-            log.info("resumed from %s", ckpt)
+        start = _load_newest_usable(run_dir, model, optimizer)
     truncate_metrics(run_dir, start if start else -1)
     for stale in (run_dir / "val").glob("step_*.jsonl"):
         if int(stale.stem.removeprefix("step_")) > start:
@@ -87,6 +143,36 @@ def resume(run_dir: Path, cfg: AQNConfig, model: nn.Module,
     return start
 
 
+def _load_newest_usable(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+                        ) -> int:
+    """The step of the newest checkpoint that loads, falling back (announced) past torn ones.
+
+    A run with checkpoints of which none loads is an error naming each one and why: starting
+    again from step 0 would silently throw the run's progress away.
+    """
+    problems = []
+    for step, path in checkpoint_steps(run_dir):
+        try:
+            state = load_checkpoint(path, model, optimizer)
+        except Exception as e:  # a torn or edited checkpoint: missing file, bad bytes, bad JSON
+            problems.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        if problems:
+            log.warning("resuming from %s; newer checkpoints are unusable: %s", path,
+                        "; ".join(problems))
+        else:
+            log.info("resumed from %s", path)
+        if state.get("step") != step:
+            raise ConfigError(f"{path / 'state.json'} says step {state.get('step')!r}, its "
+                              f"folder says {step}", "trainer.resume")
+        return step
+    if problems:
+        raise ConfigError(f"cannot resume {run_dir}: no checkpoint loads ("
+                          + "; ".join(problems) + "); move them away to start from scratch",
+                          "trainer.resume")
+    return 0
+
+
 def write_machine_info(run_dir: Path, cfg: AQNConfig, device: torch.device) -> None:
     info = machine_info(cfg.actor_rollout_ref.model.dtype, device)
-    (run_dir / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_atomic(run_dir / "machine.json", json.dumps(info, indent=1) + "\n")

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from aqn.data.jsonl import load_jsonl
+from aqn.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """Drop rows logged after ``last_step`` (a resumed run re-creates them)."""
     rows = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _plain(value: float) -> float | None:

@@ -28,6 +28,7 @@ from aqn.config import AQNConfig, config_hash, config_to_dict
 from aqn.config.schema import ValKwargs
 from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
 from aqn.errors import ConfigError, TrainingError
+from aqn.files import write_atomic
 from aqn.hashing import derive_seed
 from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
@@ -92,7 +93,7 @@ class GRPOTrainer:
         self.cfg = cfg
         self.hash = config_hash(cfg)
         t, d = cfg.trainer, cfg.data
-        self.run_dir = prepare_run_dir(cfg)
+        self.run_dir, self.lock = prepare_run_dir(cfg)  # held until fit() ends
         log.info("config %s -> %s", self.hash, self.run_dir)
         torch.manual_seed(t.seed)
 
@@ -313,7 +314,7 @@ class GRPOTrainer:
                          "ground_truth": rec["ground_truth"], "score": reward,  # verl's name
                          "correct": reward >= CORRECT_AT})
         path = self.run_dir / "val" / file
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         source = self.data_source
         out = {keys.val_core(source, "reward", val.n): sum(r["score"] for r in rows) / len(rows),
                keys.val_core(source, "acc", val.n): sum(r["correct"] for r in rows) / len(rows),
@@ -352,12 +353,13 @@ class GRPOTrainer:
             self.tracker.log(done, metrics)
             if final or (t.save_freq > 0 and done % t.save_freq == 0):
                 save_checkpoint(self.run_dir, done, self.policy, self.optimizer,
-                                {"config_hash": self.hash})
+                                {"config_hash": self.hash}, keep=t.max_actor_ckpt_to_keep)
             last = metrics | {k: v for k, v in last.items() if k not in metrics}
             bar.set_postfix(reward=f"{metrics[keys.SCORE_MEAN]:.3f}",
                             val=f"{last.get(val_key, math.nan):.3f}",
                             sigma=f"{metrics.get(keys.AQN_SIGMA, 0):.2g}")
         self.tracker.close()
+        self.lock.release()
         return last
 
 
