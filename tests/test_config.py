@@ -102,3 +102,23 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 def test_build_rejects_unknown_top_level_key():
     with pytest.raises(ConfigError, match="'trainr': unknown key; did you mean 'trainer'"):
         build(AQNConfig, {"trainr": {}})
+
+
+def test_aqn_that_is_zero_for_the_whole_run_is_an_error():
+    """The seed's failure class: a 233-step schedule on a 4-step run stays in its warm-up."""
+    with pytest.raises(ConfigError, match="sigma is 0 at every one of the run's 4 steps.*"
+                                          "total_steps=233.*stage 1 .*starts at step 24"):
+        load_config("smoke", ["trainer.noise_injection.enabled=true",
+                              "trainer.noise_injection.preset=qerl",
+                              "trainer.noise_injection.total_steps=233"])
+    # the same schedule on a run that reaches stage 1 is fine
+    load_config("smoke", ["trainer.noise_injection.enabled=true",
+                          "trainer.noise_injection.preset=qerl",
+                          "trainer.noise_injection.total_steps=233",
+                          "trainer.total_training_steps=25"])
+
+
+@pytest.mark.parametrize("name", ["", " ", "../x", "a/b", "..", ".hidden"])
+def test_experiment_name_must_stay_inside_its_directory(name):
+    with pytest.raises(ConfigError, match="trainer.experiment_name.*non-empty folder name"):
+        load_config("smoke", [f"trainer.experiment_name={name}"])

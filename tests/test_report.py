@@ -201,6 +201,18 @@ def test_the_report_reads_the_injectors_swallowed_flag(tmp_path):
     assert "swallowed by the cast" in r.warnings[1] and "steps 8 (1 of 10" in r.warnings[1]
 
 
+def test_aqn_that_never_left_its_warm_up_is_flagged(tmp_path):
+    run = write_run(tmp_path / "sweep", "warmup", 1, {0: 30, 10: 30}, aqn=True)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # a schedule far longer than the run: stage 0 throughout
+        if "aqn/sigma" in row:
+            row |= {"aqn/sigma": 0.0, "aqn/stage": 0.0, "aqn/swallowed": 0.0}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = build_report([tmp_path / "sweep"], tmp_path / "out")
+    assert len(r.warnings) == 1 and "warmup/seed1" in r.warnings[0]
+    assert "aqn/sigma is 0 at every one of its 10 steps" in r.warnings[0]
+
+
 def test_aqn_without_metrics_is_flagged(tmp_path):
     write_run(tmp_path / "sweep", "silent", 1, {0: 30, 10: 30}, aqn=True, aqn_metrics=False)
     r = build_report([tmp_path / "sweep"], tmp_path / "out")

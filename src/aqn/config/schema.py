@@ -234,6 +234,12 @@ class TrainerConfig:
         if self.total_training_steps <= 0:
             raise ConfigError(f"must be > 0, got {self.total_training_steps}",
                               "total_training_steps")
+        name = self.experiment_name
+        if not name.strip() or "/" in name or "\\" in name or name in (".", "..") \
+                or name.startswith("."):
+            raise ConfigError(f"must be a non-empty folder name (no '/', not starting with "
+                              f"'.'), got {name!r}: the run directory is "
+                              "<default_local_dir>/<experiment_name>", "experiment_name")
         if self.max_actor_ckpt_to_keep is not None and self.max_actor_ckpt_to_keep < 1:
             raise ConfigError(f"must be >= 1 (null: keep all), got "
                               f"{self.max_actor_ckpt_to_keep}", "max_actor_ckpt_to_keep")
@@ -254,9 +260,18 @@ def resolve(cfg: AQNConfig) -> AQNConfig:
     noise = t.noise_injection.resolved(total_steps=t.total_training_steps, seed=t.seed)
     if noise.enabled:
         try:
-            noise.schedule()  # fail now, not at step 0 of a long run
+            schedule = noise.schedule()  # fail now, not at step 0 of a long run
         except ConfigError as e:
             raise e.under("trainer.noise_injection") from None
+        # The seed's failure class: noise "enabled" that is zero at every step of this run.
+        if all(schedule.sigma(k) == 0 for k in range(t.total_training_steps)):
+            raise ConfigError(
+                f"AQN is enabled but its sigma is 0 at every one of the run's "
+                f"{t.total_training_steps} steps: the schedule spans total_steps="
+                f"{schedule.total_steps} in {schedule.num_stages} stages, and stage 1 (the "
+                f"first with noise) starts at step {schedule.first_step(1)}. Set "
+                "trainer.noise_injection.total_steps to the run's length (or leave it unset)",
+                "trainer.noise_injection.total_steps")
     data = cfg.data
     actor = cfg.actor_rollout_ref.actor
     mini = actor.ppo_mini_batch_size or data.train_batch_size

@@ -252,6 +252,12 @@ def noise_warnings(runs: Iterable[RunData]) -> list[str]:
             )
             continue
         noisy = [row for row in rows if (row.get(keys.AQN_SIGMA) or 0) > 0]
+        if not noisy:
+            warnings.append(
+                f"run {r.name} ({r.path}): AQN is enabled but aqn/sigma is 0 at every one of "
+                f"its {len(rows)} steps (the schedule never left its warm-up): the run had no "
+                "noise.")
+            continue
         unflagged = [row["step"] for row in noisy if row.get(keys.AQN_SWALLOWED) is None]
         if unflagged:
             warnings.append(
