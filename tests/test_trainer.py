@@ -353,3 +353,11 @@ def test_sampled_validation_gives_pass_at_k_beside_the_greedy_file(tmp_path):
     assert sampled["val-core/arith/acc/mean@4"] == sum(r["correct"] for r in rows) / len(rows)
     assert sampled["val-aux/arith/acc/pass@4"] >= sampled["val-core/arith/acc/mean@4"]
     assert "val-aux/arith/acc/pass@1" not in greedy
+
+
+def test_a_redirected_log_gets_a_plain_line_per_step(tmp_path, capsys):
+    train(smoke(tmp_path, "trainer.progress_bar=true"))  # stderr is not a TTY under pytest
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("step ")]
+    assert [x.split()[1] for x in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "\r" not in err and "reward " in lines[0] and " time " in lines[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -300,7 +301,7 @@ class GRPOTrainer:
                                 temperature=val.temperature, do_sample=val.do_sample)
         batch = self.engine.generate(self.val_prompts, params,
                                      seed=derive_seed(t.seed, "validation", step),
-                                     progress="validation" if t.progress_bar else None,
+                                     progress="validation" if self.show_bar else None,
                                      recompute_logprobs=False)  # greedy text is all it needs
         texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
         rows = []
@@ -330,6 +331,11 @@ class GRPOTrainer:
 
     # -- the loop -------------------------------------------------------------------------
 
+    @property
+    def show_bar(self) -> bool:
+        """A progress bar only on a terminal; elsewhere ``trainer.progress_bar`` prints lines."""
+        return self.cfg.trainer.progress_bar and sys.stderr.isatty()
+
     def fit(self) -> dict[str, float]:
         t = self.cfg.trainer
         last: dict[str, float] = {}
@@ -337,7 +343,7 @@ class GRPOTrainer:
             last = self.validate(0)
             self.tracker.log(0, last)
         bar = tqdm(range(self.start_step, t.total_training_steps), initial=self.start_step,
-                   total=t.total_training_steps, disable=not t.progress_bar, desc="GRPO",
+                   total=t.total_training_steps, disable=not self.show_bar, desc="GRPO",
                    dynamic_ncols=True)
         val_n = self.cfg.actor_rollout_ref.rollout.val_kwargs.n
         val_key = keys.val_core(self.data_source, "acc", val_n)
@@ -355,9 +361,17 @@ class GRPOTrainer:
                 save_checkpoint(self.run_dir, done, self.policy, self.optimizer,
                                 {"config_hash": self.hash}, keep=t.max_actor_ckpt_to_keep)
             last = metrics | {k: v for k, v in last.items() if k not in metrics}
-            bar.set_postfix(reward=f"{metrics[keys.SCORE_MEAN]:.3f}",
-                            val=f"{last.get(val_key, math.nan):.3f}",
-                            sigma=f"{metrics.get(keys.AQN_SIGMA, 0):.2g}")
+            progress = {"reward": f"{metrics[keys.SCORE_MEAN]:.3f}",
+                        "acc": f"{metrics[keys.SAMPLED_ACC]:.3f}",
+                        "val": f"{last.get(val_key, math.nan):.3f}",
+                        "sigma": f"{metrics.get(keys.AQN_SIGMA, 0):.2g}"}
+            if self.show_bar:
+                bar.set_postfix(progress)
+            elif t.progress_bar:  # a redirected log gets plain lines, not carriage returns
+                print(f"step {done}/{t.total_training_steps} "
+                      + " ".join(f"{k} {v}" for k, v in progress.items())
+                      + f" time {metrics[keys.timing('step')]:.1f}s", file=sys.stderr,
+                      flush=True)
         self.tracker.close()
         self.lock.release()
         return last
