@@ -110,3 +110,69 @@ def test_sweep_prints_a_line_per_finished_run(tmp_path, capsys):
     assert lines[0].startswith("sweep quick: 2 runs into ")
     assert [line.split(" (")[0] for line in lines[1:]] == [
         "[1/2] baseline__seed1: done", "[2/2] AQN-QeRL__seed1: done"]
+
+
+def test_a_stale_run_is_refused_with_the_keys_that_differ(tmp_path):
+    spec = quick(tmp_path)
+    run_sweep(spec)
+    sweep_json = (out_dir_of(spec) / "sweep.json").read_text()
+    longer = SweepSpec(**{**spec.__dict__, "overrides": (*spec.overrides,
+                                                          "trainer.total_training_steps=3")})
+    with pytest.raises(ConfigError, match="2 run\\(s\\).*another config.*"
+                                          "baseline__seed1 \\(.*trainer.total_training_steps\\)"):
+        run_sweep(longer)
+    assert (out_dir_of(spec) / "sweep.json").read_text() == sweep_json  # not rewritten
+
+
+def test_a_run_that_failed_before_any_checkpoint_starts_fresh(tmp_path, monkeypatch):
+    spec = quick(tmp_path, variants={"baseline": ()})
+    original = GRPOTrainer.step
+
+    def fails_at_once(self, step):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(GRPOTrainer, "step", fails_at_once)
+    assert run_sweep(spec) == {"baseline__seed1": "failed"}
+    # the user fixes the sweep (here: the failure goes away, and an override changes)
+    monkeypatch.setattr(GRPOTrainer, "step", original)
+    fixed = SweepSpec(**{**spec.__dict__, "overrides": (*spec.overrides, "trainer.seed=1")})
+    assert run_sweep(fixed) == {"baseline__seed1": "done"}
+    assert [r["step"] for r in read_metrics(out_dir_of(spec) / "baseline__seed1")] == [0, 1, 2]
+
+
+def test_the_sweep_command_exits_non_zero_when_a_run_failed(tmp_path, capsys):
+    from aqn.cli import main
+
+    f = tmp_path / "s.yaml"
+    f.write_text(f"name: s\nbase: smoke\nout_dir: {tmp_path / 'out'}\n"
+                 "overrides: [trainer.total_training_steps=2]\nvariants:\n  ok: []\n"
+                 "  broken: [trainer.noise_injection.enabled=true, "
+                 "'trainer.noise_injection.class_patterns=[layernorm]']\n")
+    assert main(["sweep", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 runs failed: broken__seed1" in err
+
+
+def test_a_killed_worker_fails_its_run_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import aqn.rl.trainer as trainer_module
+
+    original = trainer_module.train
+
+    def oom_killed(cfg):  # the kernel's OOM killer takes the worker mid-run
+        if cfg.trainer.noise_injection.enabled:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(cfg)
+
+    monkeypatch.setattr(trainer_module, "train", oom_killed)  # inherited by forked workers
+    spec = quick(tmp_path, seeds=(1, 2))
+    results = run_sweep(spec, jobs=2)
+    assert results["AQN-QeRL__seed1"] == "failed" == results["AQN-QeRL__seed2"]
+    assert results["baseline__seed1"] in ("done", "failed")  # may die with its sibling
+    error = json.loads((out_dir_of(spec) / "AQN-QeRL__seed1" / "run.json").read_text())["error"]
+    assert "worker process died" in error
+    # what the kill took with it is run again by the next sweep, which finishes
+    monkeypatch.setattr(trainer_module, "train", original)
+    assert set(run_sweep(spec, jobs=2).values()) <= {"done", "skipped"}

@@ -252,6 +252,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"sweep directory: {out}")
     if args.report:
         _print_report([out], out / "report", None)
+    failed = sorted(k for k, v in results.items() if v == "failed")
+    if failed:  # the report is still written; the exit status says not all is well
+        raise TrainingError(f"{len(failed)} of {len(results)} runs failed: "
+                            f"{', '.join(failed)} (error.log in each run directory)")
 
 
 def _print_report(paths, out_dir, baseline) -> None:

@@ -18,8 +18,10 @@ and seeds::
       smollm2: {base: smollm2-arith, overrides: [actor_rollout_ref.rollout.numerics=npu-naive]}
 
 Runs go to ``<out_dir>/<variant>__seed<seed>/`` with a ``run.json`` (variant, seed, status,
-error). Re-running skips finished runs and resumes interrupted ones from their checkpoint;
-a run that fails is recorded with its error and the others go on.
+error). Re-running skips finished runs and resumes interrupted ones from their checkpoint,
+refuses stored runs whose config the sweep no longer gives, and starts afresh a run that
+failed before its first checkpoint. A run that fails (or whose worker is killed) is recorded
+with its error and the others go on.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,6 +46,8 @@ from aqn.config import AQNConfig, load_config
 from aqn.config.loader import build, read_yaml
 from aqn.errors import ConfigError
 from aqn.files import write_atomic
+from aqn.rl.checkpoint import checkpoint_steps
+from aqn.rl.run_dir import config_changes
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -149,6 +155,8 @@ def run_one(spec: SweepSpec, variant: str, seed: int, threads: int | None = None
     run_dir = out_dir_of(spec) / f"{variant}__seed{seed}"
     if run_status(run_dir) == "done":
         return "skipped"
+    if _failed_without_progress(run_dir):
+        shutil.rmtree(run_dir)  # nothing to resume: start fresh (its config may be fixed)
     resume = (run_dir / "config.yaml").exists()
     try:
         cfg = run_config(spec, variant, seed, resume)
@@ -165,11 +173,33 @@ def run_one(spec: SweepSpec, variant: str, seed: int, threads: int | None = None
     return "done"
 
 
+def _failed_without_progress(run_dir: Path) -> bool:
+    return run_status(run_dir) == "failed" and not checkpoint_steps(run_dir)
+
+
+def _check_stored_runs(spec: SweepSpec, pairs: list[tuple[str, int]]) -> None:
+    """A run already in the sweep directory must be the run the sweep now asks for: a stale
+    one is never skipped or resumed as if it were (the keys that differ are named)."""
+    stale = []
+    for v, s in pairs:
+        run_dir = out_dir_of(spec) / f"{v}__seed{s}"
+        if (run_dir / "config.yaml").exists() and not _failed_without_progress(run_dir):
+            changed = config_changes(run_dir / "config.yaml", run_config(spec, v, s, True))
+            if changed:
+                stale.append(f"{run_dir.name} ({', '.join(changed)})")
+    if stale:
+        raise ConfigError(
+            f"sweep {spec.name}: {len(stale)} run(s) in {out_dir_of(spec)} were made with "
+            f"another config than the sweep now gives: {'; '.join(stale)}. Delete them, or "
+            "write this sweep elsewhere (out_dir)", "overrides")
+
+
 def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
     """Every (variant, seed) pair; ``jobs`` > 1 runs pairs in parallel processes."""
     pairs = [(v, s) for v in spec.variants for s in spec.seeds]
     for v, s in pairs:  # every config is checked before the first run starts
         run_config(spec, v, s, resume=False)
+    _check_stored_runs(spec, pairs)
     out = out_dir_of(spec)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "sweep.json", json.dumps(
@@ -189,8 +219,24 @@ def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
             done(f"{v}__seed{s}", run_one(spec, v, s))
         return {f"{v}__seed{s}": results[f"{v}__seed{s}"] for v, s in pairs}
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_one, spec, v, s, threads): f"{v}__seed{s}" for v, s in pairs}
-        for future in as_completed(futures):
-            done(futures[future], future.result())
+    todo = list(pairs)
+    while todo:  # a worker killed from outside breaks the pool: mark its runs, go on
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(run_one, spec, v, s, threads): (v, s) for v, s in todo}
+            todo, before = [], len(results)
+            for future in as_completed(futures):
+                v, s = futures[future]
+                try:
+                    done(f"{v}__seed{s}", future.result())
+                except BrokenProcessPool:
+                    if run_status(out_dir_of(spec) / f"{v}__seed{s}") == "running":
+                        _write_status(out_dir_of(spec) / f"{v}__seed{s}", v, s, "failed",
+                                      "its worker process died (killed, out of memory, or "
+                                      "stopped with a sibling worker that died)")
+                        done(f"{v}__seed{s}", "failed")
+                    else:
+                        todo.append((v, s))  # not started, or finished unseen: run again
+        if todo and len(results) == before:
+            raise RuntimeError(f"sweep {spec.name}: the worker processes keep dying before a "
+                               "run starts (see the log above)")
     return {f"{v}__seed{s}": results[f"{v}__seed{s}"] for v, s in pairs}

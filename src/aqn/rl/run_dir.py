@@ -79,6 +79,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_changes(config_file: Path, cfg: AQNConfig) -> list[str]:
+    """The keys in which ``cfg`` differs from the run config stored in ``config_file``,
+    leaving out those a resume may change."""
+    try:
+        old = _flat(yaml.safe_load(config_file.read_text()) or {})
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read {config_file}: {e}", "trainer.resume") from None
+    new = _flat(config_to_dict(cfg))
+    # A key that a newer aqn added is no change when the run keeps its default (the old run
+    # computed what the default computes).
+    defaults = _flat(config_to_dict(AQNConfig()))
+    return sorted(k for k in old.keys() | new.keys()
+                  if k not in RESUMABLE_KEYS and old.get(k, defaults.get(k)) != new.get(k))
+
+
 def prepare_run_dir(cfg: AQNConfig) -> tuple[Path, RunLock]:
     """Lock the run directory, then create it (or, on resume, check it against the config).
 
@@ -103,14 +118,7 @@ def prepare_run_dir(cfg: AQNConfig) -> tuple[Path, RunLock]:
             raise ConfigError(
                 f"run directory {run_dir} already holds a run; set trainer.resume=true to "
                 "continue it or choose another trainer.experiment_name", "trainer.resume")
-        old = _flat(yaml.safe_load(config_file.read_text()))
-        new = _flat(config_to_dict(cfg))
-        # A key that a newer aqn added is no change when the run keeps its default (the old
-        # run computed what the default computes).
-        defaults = _flat(config_to_dict(AQNConfig()))
-        changed = sorted(k for k in old.keys() | new.keys()
-                         if k not in RESUMABLE_KEYS
-                         and old.get(k, defaults.get(k)) != new.get(k))
+        changed = config_changes(config_file, cfg)
         if changed:
             lock.release()
             raise ConfigError(f"cannot resume {run_dir}: the config differs in "
