@@ -48,7 +48,29 @@ def test_malformed_row_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"train.jsonl:2: missing required key 'answer'"):
         load_task("gsm8k", None, None, 0, path=str(tmp_path))
     write_split(tmp_path, "train.jsonl", [{"question": "q", "answer": "no marker"}])
-    with pytest.raises(DataError, match=r"train.jsonl: row 1 has no '#### <answer>'"):
+    with pytest.raises(DataError, match=r"train.jsonl:1: the answer has no '#### <answer>'"):
+        load_task("gsm8k", None, None, 0, path=str(tmp_path))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": None, "answer": "#### 3"}, "'question' must be a non-empty string, got None"),
+    ({"question": "  ", "answer": "#### 3"}, "'question' must be a non-empty string"),
+    ({"question": "q", "answer": 3}, "'answer' must be a non-empty string, got 3"),
+    ({"question": "q", "answer": "so #### two"}, "the answer after '####' must be a number .*'two'"),
+])
+def test_rows_that_can_never_be_right_are_refused_with_their_line(tmp_path, row, message):
+    write_split(tmp_path, "train.jsonl", [ROW, "\n", row])  # the blank line still counts
+    write_split(tmp_path, "test.jsonl", [ROW])
+    with pytest.raises(DataError, match=r"train.jsonl:3: " + message):
+        load_task("gsm8k", None, None, 0, path=str(tmp_path))
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path):
+    write_split(tmp_path, "train.jsonl", [ROW])
+    write_split(tmp_path, "test.jsonl", [ROW])
+    with open(tmp_path / "train.jsonl", "ab") as f:
+        f.write(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:2: not UTF-8 text"):
         load_task("gsm8k", None, None, 0, path=str(tmp_path))
 
 

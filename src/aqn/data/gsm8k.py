@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aqn.data.jsonl import DataError, load_jsonl
+from aqn.data.jsonl import DataError, load_jsonl_lines
 from aqn.data.prompts import build_prompt
 from aqn.hashing import derive_seed
 
@@ -20,24 +20,42 @@ def ground_truth(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def load_gsm8k(directory: str | Path, split: str, max_samples: int | None = None,
                seed: int = 0) -> list[dict]:
     """Records of one split; ``max_samples`` takes a seeded subset that is the same in every
     run and variant with that seed, so comparisons over it stay paired."""
     path = Path(directory) / SPLIT_FILES[split]
     if path.exists():
-        rows = load_jsonl(path, required_keys=("question", "answer"))
+        rows = load_jsonl_lines(path, required_keys=("question", "answer"))
+        where = [f"{path}:{lineno}" for lineno, _ in rows]
+        rows = [row for _, row in rows]
     elif str(directory) == DATA_SOURCE:
         rows = _hub_rows(split)
+        where = [f"{DATA_SOURCE} {split} row {i + 1}" for i in range(len(rows))]
     else:
         raise DataError(f"{path}: no such file (data.path must be a directory with "
                         f"train.jsonl and test.jsonl in the GSM8K format, or {DATA_SOURCE} "
                         "for the hub copy)")
     records = []
     for i, row in enumerate(rows):
+        for key in ("question", "answer"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise DataError(f"{where[i]}: {key!r} must be a non-empty string, got "
+                                f"{row[key]!r}")
         truth = ground_truth(row["answer"])
         if "####" not in row["answer"] or not truth:
-            raise DataError(f"{path}: row {i + 1} has no '#### <answer>' in its answer")
+            raise DataError(f"{where[i]}: the answer has no '#### <answer>'")
+        if not _is_number(truth):
+            raise DataError(f"{where[i]}: the answer after '####' must be a number (no reward "
+                            f"can match {truth!r})")
         records.append({
             "id": f"gsm8k-{split}-{i}",
             "data_source": DATA_SOURCE,

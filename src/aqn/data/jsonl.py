@@ -15,9 +15,20 @@ def load_jsonl(path: str | Path, required_keys: tuple[str, ...] = (),
     Raises DataError on a line that is not a JSON object, a row missing one of
     `required_keys`, or (unless `allow_empty`) a file with no rows.
     """
+    return [row for _, row in load_jsonl_lines(path, required_keys, allow_empty)]
+
+
+def load_jsonl_lines(path: str | Path, required_keys: tuple[str, ...] = (),
+                     allow_empty: bool = False) -> list[tuple[int, dict]]:
+    """``load_jsonl`` with the line number of each row, for errors that name it."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the "
+                                "line)") from None
             if not line.strip():
                 continue
             try:
@@ -31,7 +42,7 @@ def load_jsonl(path: str | Path, required_keys: tuple[str, ...] = (),
             for key in required_keys:
                 if key not in row:
                     raise DataError(f"{path}:{lineno}: missing required key {key!r}")
-            rows.append(row)
+            rows.append((lineno, row))
     if not rows and not allow_empty:
         raise DataError(f"{path}: dataset is empty")
     return rows
