@@ -56,7 +56,8 @@ def test_malformed_row_names_file_and_line(tmp_path):
     ({"question": None, "answer": "#### 3"}, "'question' must be a non-empty string, got None"),
     ({"question": "  ", "answer": "#### 3"}, "'question' must be a non-empty string"),
     ({"question": "q", "answer": 3}, "'answer' must be a non-empty string, got 3"),
-    ({"question": "q", "answer": "so #### two"}, "the answer after '####' must be a number .*'two'"),
+    ({"question": "q", "answer": "so #### two"},
+     "the answer after '####' must be a number .*'two'"),
 ])
 def test_rows_that_can_never_be_right_are_refused_with_their_line(tmp_path, row, message):
     write_split(tmp_path, "train.jsonl", [ROW, "\n", row])  # the blank line still counts
