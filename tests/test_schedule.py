@@ -1,5 +1,7 @@
 import math
+import warnings
 
+import numpy as np
 import pytest
 
 from aqn.noise import PRESETS, SigmaSchedule, get_preset
@@ -96,3 +98,32 @@ def test_growing_sigma_is_warned_not_refused():
     with pytest.warns(UserWarning, match="sigma_end .* > sigma_start"):
         s = SigmaSchedule(0.001, 0.01, 5, 100)
     assert s.stage_sigma(4) == pytest.approx(0.01)
+
+
+def test_stage_boundaries_follow_qerls_float_code_on_a_grid():
+    """QeRL's released code switches stage at ``step // (T / K)`` on floats; an independent
+    transcription (numpy's float floor division) agrees at every (K, T, step) of the grid,
+    and the exact-integer rule, kept as ``boundaries: exact``, differs on some of them."""
+    disagree_exact = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # T < K warns
+        for k in range(3, 13):
+            for t in range(1, 301):
+                qerl = SigmaSchedule(0.01, 0.0001, k, t)
+                exact = SigmaSchedule(0.01, 0.0001, k, t, boundaries="exact")
+                for step in range(t + 3):
+                    want = min(int(np.floor_divide(np.float64(step), np.float64(t) / k)), k - 1)
+                    assert qerl.stage(step) == want, (k, t, step)
+                    disagree_exact += exact.stage(step) != want
+                for stage in range(1, k):
+                    first = qerl.first_step(stage)
+                    assert qerl.stage(first) >= stage and (first == 0
+                                                           or qerl.stage(first - 1) < stage)
+    assert disagree_exact > 0  # the choice matters: 1-step shifts on some (K, T)
+
+
+def test_the_two_boundary_rules_agree_on_the_reference_runs():
+    for t in (40, 116, 233):  # the demo, and the seed's run lengths
+        qerl = SigmaSchedule(0.01, 0.0001, 10, t)
+        exact = SigmaSchedule(0.01, 0.0001, 10, t, boundaries="exact")
+        assert [qerl.stage(s) for s in range(t)] == [exact.stage(s) for s in range(t)]

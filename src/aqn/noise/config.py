@@ -23,6 +23,8 @@ class NoiseInjectionConfig:
     total_steps: int | None = None
     # "qerl-code": exponent (k-1)/(K-2) as QeRL's code; "paper": (k-1)/(K-1).
     exponent: Literal["qerl-code", "paper"] = "qerl-code"
+    # Stage boundaries: "qerl-code" (QeRL's float step // (T / K)) or "exact" (integer).
+    boundaries: Literal["qerl-code", "exact"] = "qerl-code"
     # gaussian (QeRL); uniform with the same standard deviation; or quant_error, noise shaped
     # like real quantization error (bounded, uniform-like, deterministic): the error of
     # rounding each clean weight onto a grid of spacing sqrt(12)*sigma shifted by a random
@@ -86,7 +88,7 @@ class NoiseInjectionConfig:
             )
         try:
             return SigmaSchedule(self.sigma_start, self.sigma_end, self.num_stages,
-                                 self.total_steps, self.exponent)
+                                 self.total_steps, self.exponent, self.boundaries)
         except ValueError as e:
             # the schedule's messages start with the name of the field at fault
             name = str(e).split(" ", 1)[0]

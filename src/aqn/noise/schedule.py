@@ -18,6 +18,10 @@ from typing import Literal
 
 Exponent = Literal["qerl-code", "paper"]
 EXPONENTS: tuple[str, ...] = ("qerl-code", "paper")
+# Where stages switch: "qerl-code" as QeRL's released code (a float floor division);
+# "exact": floor(step * K / T) in integers (earlier aqn).
+Boundaries = Literal["qerl-code", "exact"]
+BOUNDARIES: tuple[str, ...] = ("qerl-code", "exact")
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,10 @@ class SigmaSchedule:
         num_stages: int,
         total_steps: int,
         exponent: Exponent = "qerl-code",
+        boundaries: Boundaries = "qerl-code",
     ) -> None:
+        if boundaries not in BOUNDARIES:
+            raise ValueError(f"boundaries must be one of {BOUNDARIES}, got {boundaries!r}")
         if exponent not in EXPONENTS:
             raise ValueError(f"exponent must be one of {EXPONENTS}, got {exponent!r}")
         for name, value in (("sigma_start", sigma_start), ("sigma_end", sigma_end)):
@@ -94,13 +101,19 @@ class SigmaSchedule:
         self.num_stages = num_stages
         self.total_steps = total_steps
         self.exponent = exponent
+        self.boundaries = boundaries
 
     def stage(self, step: int) -> int:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        # floor(min(step, T) / (T / K)) in exact integer arithmetic
-        return min(min(step, self.total_steps) * self.num_stages // self.total_steps,
-                   self.num_stages - 1)
+        if self.boundaries == "qerl-code":
+            # QeRL's released code: a float floor division, step // (T / K). For some (K, T)
+            # it puts a boundary one step before or after the exact one; runs that are to be
+            # compared with QeRL's must switch stage where it does.
+            stage = int(step // (self.total_steps / self.num_stages))
+        else:  # floor(step / (T / K)) in exact integer arithmetic
+            stage = min(step, self.total_steps) * self.num_stages // self.total_steps
+        return min(stage, self.num_stages - 1)
 
     def stage_sigma(self, stage: int) -> float:
         if stage == 0:
@@ -113,8 +126,12 @@ class SigmaSchedule:
         return self.stage_sigma(self.stage(step))
 
     def first_step(self, stage: int) -> int:
-        # smallest step s with s * K // T >= stage, i.e. ceil(stage * T / K)
-        return -(-stage * self.total_steps // self.num_stages)
+        """The smallest step of ``stage``: ceil(stage * T / K) exactly; QeRL's float rule
+        moves it by at most one step, so it is searched next to that."""
+        exact = -(-stage * self.total_steps // self.num_stages)
+        if self.boundaries == "exact" or stage == 0:
+            return exact
+        return next(s for s in range(max(0, exact - 2), exact + 3) if self.stage(s) >= stage)
 
     def table(self) -> list[StageRow]:
         """One row per stage; the last stage also covers every step past total_steps."""
