@@ -307,12 +307,12 @@ def test_silently_wrong_optimizer_settings_are_refused(override, message):
 
 
 def test_a_half_written_checkpoint_is_ignored(tmp_path):
-    from aqn.rl.checkpoint import latest_checkpoint
+    from aqn.rl.checkpoint import checkpoint_steps
 
     for name in ("step_2", "step_4.tmp"):  # a crash while saving step 4
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / "state.json").write_text("{}")
-    assert latest_checkpoint(tmp_path).name == "step_2"
+    assert checkpoint_steps(tmp_path) == [(2, tmp_path / "checkpoints" / "step_2")]
 
 
 def test_training_signal_metrics_match_the_rewards(tmp_path):

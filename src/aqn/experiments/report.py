@@ -244,6 +244,11 @@ def _first_last(runs: dict[int, RunData], key: str) -> str:
     return f"{fmt_num(avg(firsts))} -> {fmt_num(avg(lasts))}"
 
 
+def _steps_then_seeds(runs: dict[int, RunData], key: str) -> float | None:
+    """Mean of ``key`` over each run's steps, then over the runs that logged it."""
+    return avg(m for r in runs.values() if (m := avg(r.series(key).values())) is not None)
+
+
 def _training_section(groups: dict[str, dict[int, RunData]]) -> list[Block]:
     entropy = {v: mean_curve(r.series("actor/entropy") for r in runs.values())
                for v, runs in groups.items()}
@@ -253,11 +258,8 @@ def _training_section(groups: dict[str, dict[int, RunData]]) -> list[Block]:
     if steps and shown[-1] != steps[-1]:
         shown.append(steps[-1])
     entropy_rows = [[str(s)] + [fmt_num(entropy[v].get(s)) for v in groups] for s in shown]
-    mismatch_rows = [
-        [v] + [fmt_num(avg(m for r in runs.values() if (m := avg(r.series(k).values()))
-                          is not None)) for k in MISMATCH_KEYS]
-        for v, runs in groups.items()
-    ]
+    mismatch_rows = [[v] + [fmt_num(_steps_then_seeds(runs, k)) for k in MISMATCH_KEYS]
+                     for v, runs in groups.items()]
     return [
         Heading("3. Training signal, entropy and rollout-training mismatch"),
         Text("What to look at first when RL does not learn: per variant, the mean over the "
@@ -332,9 +334,7 @@ def _perturbation_sections(groups: dict[str, dict[int, RunData]]) -> list[Block]
                         if k.startswith(spec.metric_prefix)})
         if not found:
             continue
-        rows = [[v] + [fmt_num(avg(m for r in runs.values()
-                                   if (m := avg(r.series(k).values())) is not None))
-                       for k in found]
+        rows = [[v] + [fmt_num(_steps_then_seeds(runs, k)) for k in found]
                 for v, runs in groups.items()]
         blocks += [Heading(f"4{chr(ord('a') + len(blocks) // 3)}. {spec.report_section}"),
                    Text(f"The {spec.metric_prefix}* metrics the engine logged ({spec.kind}, "

@@ -37,7 +37,7 @@ class NormOutputNoise:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, int] = defaultdict(int)
         self.elements = 0
-        self.changed = 0
+        self._changed = torch.zeros((), dtype=torch.long)  # a tensor: no sync per hook call
 
     @property
     def calls(self) -> int:
@@ -50,7 +50,8 @@ class NormOutputNoise:
         """Hook every target (once) and start counting the calls of ``step``."""
         self.step = step
         self._calls.clear()
-        self.elements = self.changed = 0
+        self.elements = 0
+        self._changed = torch.zeros((), dtype=torch.long)
         if not self._handles:
             self._handles = [module.register_forward_hook(self._hook(path))
                              for path, module in self.targets]
@@ -65,7 +66,7 @@ class NormOutputNoise:
                 "CUDA-graph models skip Python hooks), so the noise did nothing")
         return {"act_noise/calls": float(self.calls),
                 "act_noise/modules_called": float(len(self._calls)),
-                "act_noise/frac_changed": self.changed / max(1, self.elements)}
+                "act_noise/frac_changed": int(self._changed) / max(1, self.elements)}
 
     def restore(self) -> None:
         """Remove the hooks: the model computes exactly as before ``apply``."""
@@ -83,7 +84,7 @@ class NormOutputNoise:
             y = output.float()
             noisy = (y + self.sigma * y.abs() * eps).to(output.dtype)
             self.elements += output.numel()
-            self.changed += int((noisy != output).sum())
+            self._changed = self._changed.to(output.device) + (noisy != output).sum()
             return noisy
 
         return add_noise

@@ -32,12 +32,6 @@ def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one whose state file was written)."""
-    done = [p for _, p in checkpoint_steps(run_dir) if (p / STATE_FILE).exists()]
-    return done[0] if done else None
-
-
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, extra: dict, keep: int | None = 2
                     ) -> Path:
