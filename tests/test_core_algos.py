@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
 
+from aqn.config.schema import ActorConfig
 from aqn.rl.core_algos import (
+    KL_KINDS,
     LOSS_AGG_MODES,
     agg_loss,
     grpo_advantages,
@@ -26,17 +29,15 @@ from aqn.token_math import (
 
 LN2 = math.log(2.0)
 MISMATCH_KEYS = {
+    "training/rollout_probs_diff_valid",
     "training/rollout_probs_diff_mean",
     "training/rollout_probs_diff_max",
     "training/rollout_probs_diff_std",
     "training/rollout_actor_probs_pearson_corr",
-    "rollout_corr/kl",
-    "rollout_corr/k3_kl",
-    "rollout_corr/log_ppl_abs_diff",
-    "rollout_corr/ppl_ratio",
-    "rollout_corr/chi2_token",
-    "rollout_corr/abs_logp_diff_mean",
-    "rollout_corr/abs_logp_diff_max",
+    *(f"rollout_corr/{k}" for k in (
+        "kl", "k3_kl", "training_ppl", "training_log_ppl", "rollout_ppl", "rollout_log_ppl",
+        "log_ppl_diff", "log_ppl_abs_diff", "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio",
+        "chi2_token", "chi2_seq", "abs_logp_diff_mean", "abs_logp_diff_max")),
 }
 
 
@@ -104,7 +105,9 @@ LOSS_MASK = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch
         ("token-mean", (1 + 2 + 4) / 3),
         ("seq-mean-token-sum", (3 + 4) / 2),
         ("seq-mean-token-mean", (1.5 + 4) / 2),
-        ("seq-mean-token-sum-norm", (3 + 4) / 4),  # divisor: padded length T = 4
+        ("token-sum", 1 + 2 + 4),
+        # verl >= 0.8: the mean over the 2 sequences with tokens, / padded length T = 4
+        ("seq-mean-token-sum-norm", (3 + 4) / 2 / 4),
     ],
 )
 def test_agg_loss_modes(mode: str, expected: float) -> None:
@@ -254,14 +257,20 @@ def test_mismatch_metrics_identical_inputs_are_exact() -> None:
     mask[1, 5:] = 0
     mask[3, 2:] = 0
     logp[mask == 0] = 1e4  # garbage in padding
-    metrics = rollout_mismatch_metrics(logp, logp.clone(), mask)
-    assert set(metrics) == MISMATCH_KEYS
-    for key, value in metrics.items():
-        assert isinstance(value, float)
-        if key == "rollout_corr/ppl_ratio" or key.endswith("pearson_corr"):
-            assert value == 1.0, key
-        else:
-            assert value == 0.0, key
+    m = rollout_mismatch_metrics(logp, logp.clone(), mask)
+    assert set(m) == MISMATCH_KEYS
+    assert all(isinstance(value, float) for value in m.values())
+    # every difference is exactly 0, every ratio exactly 1
+    for key in ("kl", "k3_kl", "log_ppl_diff", "log_ppl_abs_diff", "log_ppl_diff_max",
+                "log_ppl_diff_min", "chi2_token", "chi2_seq", "abs_logp_diff_mean",
+                "abs_logp_diff_max"):
+        assert m[f"rollout_corr/{key}"] == 0.0, key
+    for key in ("mean", "max", "std"):
+        assert m[f"training/rollout_probs_diff_{key}"] == 0.0, key
+    assert m["rollout_corr/ppl_ratio"] == 1.0
+    assert m["rollout_corr/training_ppl"] == m["rollout_corr/rollout_ppl"] > 1.0
+    # torch.corrcoef (verl's) of two equal vectors: 1 up to rounding
+    assert m["training/rollout_actor_probs_pearson_corr"] == pytest.approx(1.0, abs=1e-14)
 
 
 def small_pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,9 +297,16 @@ def test_mismatch_metrics_small_known_pair() -> None:
         ),
         "rollout_corr/kl": -2 * LN2 / 3,
         "rollout_corr/k3_kl": 2 * (2 - LN2 - 1) / 3,
+        "rollout_corr/log_ppl_diff": statistics.fmean(seq_diffs),
+        "rollout_corr/log_ppl_diff_max": -0.5 * LN2,
+        "rollout_corr/log_ppl_diff_min": -LN2,
         "rollout_corr/log_ppl_abs_diff": 0.75 * LN2,
         "rollout_corr/ppl_ratio": statistics.fmean(math.exp(d) for d in seq_diffs),
+        "rollout_corr/training_ppl": statistics.fmean([math.sqrt(8), 1.25]),
+        "rollout_corr/rollout_ppl": statistics.fmean([4.0, 2.5]),
         "rollout_corr/chi2_token": (4 + 1 + 4) / 3 - 1,
+        # sequence ratios 2 and 2
+        "rollout_corr/chi2_seq": 4 - 1,
         "rollout_corr/abs_logp_diff_mean": 2 * LN2 / 3,
         "rollout_corr/abs_logp_diff_max": LN2,
     }
@@ -308,18 +324,26 @@ def test_mismatch_metrics_ignore_masked_positions() -> None:
     assert rollout_mismatch_metrics(garbage_train, garbage_rollout, mask.bool()) == reference
 
 
-def test_mismatch_metrics_degenerate_pearson_and_empty_mask() -> None:
+def test_mismatch_metrics_degenerate_and_all_masked_rows() -> None:
     one = torch.log(torch.tensor([[0.5, 0.3]]))
     other = torch.log(torch.tensor([[0.4, 0.3]]))
     single = torch.tensor([[1, 0]])
-    m = rollout_mismatch_metrics(one, other, single)  # one token each: both constant
-    assert m["training/rollout_actor_probs_pearson_corr"] == 1.0
-    assert m["training/rollout_probs_diff_std"] == 0.0
-    flat = torch.log(torch.tensor([[0.4, 0.4]]))
-    m = rollout_mismatch_metrics(one, flat, torch.ones(1, 2))  # only rollout constant
-    assert m["training/rollout_actor_probs_pearson_corr"] == 0.0
+    m = rollout_mismatch_metrics(one, other, single)  # one token: undefined, as in verl
+    assert math.isnan(m["training/rollout_actor_probs_pearson_corr"])
+    assert math.isnan(m["training/rollout_probs_diff_std"])
     with pytest.raises(ValueError):
         rollout_mismatch_metrics(one, other, torch.zeros(1, 2))
+    # an all-masked row counts as log_ppl 0 on both sides (verl): diff 0, ratio 1
+    two = torch.cat([one, one]), torch.cat([other, other])
+    m = rollout_mismatch_metrics(*two, torch.tensor([[1, 1], [0, 0]]))
+    diff = math.log(0.4 * 0.3) / 2 - math.log(0.5 * 0.3) / 2
+    assert m["rollout_corr/log_ppl_abs_diff"] == pytest.approx(abs(diff) / 2)
+    assert m["rollout_corr/ppl_ratio"] == pytest.approx((math.exp(diff) + 1) / 2)
+
+
+def test_k3_kl_is_not_clamped() -> None:
+    m = rollout_mismatch_metrics(torch.tensor([[-0.01]]), torch.tensor([[-45.0]]), torch.ones(1, 1))
+    assert m["rollout_corr/k3_kl"] == pytest.approx(math.exp(44.99) - 44.99 - 1)
 
 
 # --- truncated importance sampling -------------------------------------------------------------
@@ -333,11 +357,15 @@ def test_is_weights_token_level() -> None:
     weights, m = rollout_is_weights(train, rollout, mask, level="token", threshold=2.0)
     close(weights, [[2.0, 0.5, 1.5, 0.0]])
     assert not weights.requires_grad
-    assert m["rollout_is_mean"] == pytest.approx(5.0 / 3)  # before truncation
-    assert m["rollout_is_max"] == pytest.approx(3.0)
-    assert m["rollout_is_truncated_frac"] == pytest.approx(1 / 3)
-    # truncated weights [2, 0.5, 1.5]: (sum w)^2 / (N sum w^2) = 16 / (3 * 6.5)
+    # verl >= 0.8 logs the truncated weights [2, 0.5, 1.5]
+    assert m["rollout_is_mean"] == pytest.approx(4.0 / 3)
+    assert m["rollout_is_max"] == 2.0 and m["rollout_is_min"] == 0.5
+    assert m["rollout_is_ratio_fraction_high"] == pytest.approx(1 / 3)
+    assert m["rollout_is_ratio_fraction_low"] == 0.0  # 0.5 is not below 1 / 2
+    assert m["rollout_is_std"] == pytest.approx(math.sqrt(6.5 / 3 - 16 / 9))
+    # (sum w)^2 / (N sum w^2) = 16 / (3 * 6.5)
     assert m["rollout_is_eff_sample_size"] == pytest.approx(16 / 19.5)
+    assert m["rollout_is_seq_mean"] == pytest.approx(4.0 / 3)
 
 
 def test_is_weights_sequence_level_product() -> None:
@@ -347,10 +375,14 @@ def test_is_weights_sequence_level_product() -> None:
     weights, m = rollout_is_weights(train, rollout, mask, level="sequence", threshold=2.0)
     # products over valid tokens: 1.2 * 1.5 = 1.8, 2.0 * 1.5 = 3.0 -> truncated to 2
     close(weights, [[1.8, 1.8, 0.0], [2.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
-    assert m["rollout_is_mean"] == pytest.approx((1.8 + 3.0) / 2)
+    # verl: the mean and ESS weigh each sequence by its tokens; max and min are of the
+    # untruncated ratio and count the all-masked row as ratio 1; fractions are over rows
+    assert m["rollout_is_mean"] == pytest.approx((2 * 1.8 + 2 * 2.0) / 4)
     assert m["rollout_is_max"] == pytest.approx(3.0)
-    assert m["rollout_is_truncated_frac"] == pytest.approx(0.5)
-    assert m["rollout_is_eff_sample_size"] == pytest.approx(3.8**2 / (2 * (1.8**2 + 2.0**2)))
+    assert m["rollout_is_min"] == pytest.approx(1.0)
+    assert m["rollout_is_ratio_fraction_high"] == pytest.approx(1 / 3)
+    mean, mean_sq = 1.9, (2 * 1.8**2 + 2 * 2.0**2) / 4
+    assert m["rollout_is_eff_sample_size"] == pytest.approx(mean**2 / mean_sq)
 
 
 def test_is_weights_sequence_clamp_equal_weights_and_errors() -> None:
@@ -363,8 +395,14 @@ def test_is_weights_sequence_clamp_equal_weights_and_errors() -> None:
     logp = -torch.rand(3, 4, dtype=torch.float64)
     weights, m = rollout_is_weights(logp, logp, torch.ones(3, 4))
     close(weights, torch.ones(3, 4))
-    assert m["rollout_is_eff_sample_size"] == 1.0
+    assert m["rollout_is_eff_sample_size"] == pytest.approx(1.0, abs=1e-7)  # verl's mean + 1e-8
     with pytest.raises(ValueError, match="sequence"):
         rollout_is_weights(logp, logp, torch.ones(3, 4), level="geometric")
     with pytest.raises(ValueError):
         rollout_is_weights(logp, logp, torch.zeros(3, 4))
+
+
+def test_config_choices_are_the_implemented_ones() -> None:
+    hints = get_type_hints(ActorConfig)
+    assert get_args(hints["loss_agg_mode"]) == LOSS_AGG_MODES
+    assert set(get_args(hints["kl_loss_type"])) == set(KL_KINDS)

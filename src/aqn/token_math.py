@@ -52,76 +52,76 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def _pearson(x: Tensor, y: Tensor) -> float:
-    """Pearson correlation of two 1-D tensors, defined for the degenerate cases.
-
-    Identical inputs give exactly 1.0 (no rounding noise). Two constant vectors are related
-    by an exact shift, so 1.0 too; if only one is constant there is no co-variation: 0.0.
-    """
-    if torch.equal(x, y):
-        return 1.0
-    xc, yc = x - x.mean(), y - y.mean()
-    sxx, syy = xc.square().sum(), yc.square().sum()
-    if sxx == 0 and syy == 0:
-        return 1.0
-    if sxx == 0 or syy == 0:
-        return 0.0
-    return float(((xc * yc).sum() / (sxx * syy).sqrt()).clamp(-1.0, 1.0))
-
-
 def rollout_mismatch_metrics(
     train_log_prob: Tensor, rollout_log_prob: Tensor, mask: Tensor
 ) -> dict[str, float]:
-    """Training-vs-rollout mismatch metrics with verl's names, over valid tokens only.
+    """Training-vs-rollout mismatch metrics under verl 0.9's names, with verl's formulas
+    (``calculate_debug_metrics`` and ``compute_offpolicy_metrics``), in float64.
 
-    With ``log r = train - rollout`` (``r = pi_train / pi_rollout``):
+    With ``log r = train - rollout`` (``r = pi_train / pi_rollout``), over valid tokens:
 
-    - ``training/rollout_probs_diff_{mean,max,std}``: ``|exp(train) - exp(rollout)|``
-      (std unbiased as ``torch.std``; 0 with a single valid token);
-    - ``training/rollout_actor_probs_pearson_corr``: Pearson correlation of the two
-      probability vectors (exactly 1.0 for identical inputs, see ``_pearson``);
-    - ``rollout_corr/kl``: ``mean(rollout - train)``;
-    - ``rollout_corr/k3_kl``: ``mean(r - log r - 1)``, ``log r`` clamped to +-20;
-    - ``rollout_corr/log_ppl_abs_diff``: mean over sequences of
-      ``|log_ppl_train - log_ppl_rollout|``, ``log_ppl = -mean token log-prob``;
-    - ``rollout_corr/ppl_ratio``: mean over sequences of ``exp(log_ppl_train - log_ppl_rollout)``;
-    - ``rollout_corr/chi2_token``: ``mean(r^2) - 1`` (clamped ``log r``);
-    - ``rollout_corr/abs_logp_diff_{mean,max}``: of ``|train - rollout|``.
+    - ``training/rollout_probs_diff_{mean,max,std}``: of ``|exp(train) - exp(rollout)|``
+      (``torch.std``, so nan with a single valid token), ``_valid`` = 1;
+    - ``training/rollout_actor_probs_pearson_corr``: ``torch.corrcoef`` of the two probability
+      vectors (nan when one is constant);
+    - ``rollout_corr/kl``: ``mean(-log r)``; ``rollout_corr/k3_kl``: ``mean(r - log r - 1)``,
+      unclamped (it can overflow to inf, as verl's);
+    - per sequence, with ``log_ppl = -mean token log-prob`` (0 for an all-masked row, which
+      verl counts): ``rollout_corr/{training,rollout}_ppl`` (mean of ``exp(log_ppl)``),
+      ``{training,rollout}_log_ppl``, ``log_ppl_diff`` (``log_ppl_train - log_ppl_rollout``)
+      with its ``_max``, ``_min`` and ``log_ppl_abs_diff``, ``ppl_ratio`` (mean of
+      ``exp(log_ppl_diff)``);
+    - ``rollout_corr/chi2_token``: ``mean(r^2) - 1``; ``chi2_seq``: ``mean((prod r)^2) - 1``
+      (``log r`` and its sequence sum clamped to +-20). An estimate: a small batch or a huge
+      mismatch can take it below 0, down to -1 (docs/reference.md#mismatch-metrics).
 
-    Sequence means skip sequences without valid tokens. Everything derives from the
-    difference ``train - rollout``, which is exactly 0 for identical inputs, so every
-    difference metric is then exactly 0 and ``ppl_ratio`` exactly 1.
+    aqn adds ``rollout_corr/abs_logp_diff_{mean,max}`` (of ``|log r|``), the quantity the
+    published mismatch figures use. float64, because metrics of tiny mismatches (k3 ~ 1e-6)
+    would drown in float32 rounding; verl's functions fed the same float64 tensors give the
+    same values (tests/test_peers.py).
     """
     valid = mask.bool()
     if not valid.any():
         raise ValueError("mask has no valid token")
-    # float64: metrics of tiny mismatches (k3 ~ 1e-6) would drown in float32 rounding
     train = train_log_prob.detach().double()
     rollout = rollout_log_prob.detach().double()
 
-    train_tok, rollout_tok = train[valid], rollout[valid]
-    probs_train, probs_rollout = train_tok.exp(), rollout_tok.exp()
+    probs_train, probs_rollout = train[valid].exp(), rollout[valid].exp()
     probs_diff = (probs_train - probs_rollout).abs()
-    log_r = train_tok - rollout_tok
-    safe_log_r = log_r.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-    ratio = safe_log_r.exp()
+    pearson = torch.corrcoef(torch.stack([probs_train, probs_rollout]))[0][1]
 
-    # log_ppl_train - log_ppl_rollout = -mean over the sequence's tokens of log r
-    seq_log_r = torch.where(valid, train - rollout, torch.zeros_like(train))
-    has_tokens = valid.any(-1)
-    log_ppl_diff = -(seq_log_r.sum(-1) / valid.sum(-1).clamp(min=1))[has_tokens]
-
+    log_r = train - rollout
+    token = {
+        "kl": masked_mean(-log_r, valid),
+        "k3_kl": masked_mean(log_r.exp() - log_r - 1, valid),
+        "chi2_token": masked_mean(log_r.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp().square(),
+                                  valid) - 1.0,
+    }
+    seq_log_r = masked_sum(log_r, valid, dim=-1).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    train_log_ppl = -masked_mean(train, valid, dim=-1)
+    rollout_log_ppl = -masked_mean(rollout, valid, dim=-1)
+    log_ppl_diff = train_log_ppl - rollout_log_ppl
+    seq = {
+        "training_ppl": train_log_ppl.exp().mean(),
+        "training_log_ppl": train_log_ppl.mean(),
+        "rollout_ppl": rollout_log_ppl.exp().mean(),
+        "rollout_log_ppl": rollout_log_ppl.mean(),
+        "log_ppl_diff": log_ppl_diff.mean(),
+        "log_ppl_abs_diff": log_ppl_diff.abs().mean(),
+        "log_ppl_diff_max": log_ppl_diff.max(),
+        "log_ppl_diff_min": log_ppl_diff.min(),
+        "ppl_ratio": log_ppl_diff.exp().mean(),
+        "chi2_seq": (2.0 * seq_log_r).exp().mean() - 1.0,
+    }
+    abs_log_r = log_r[valid].abs()
     metrics = {
-        "training/rollout_probs_diff_mean": probs_diff.mean(),
+        "training/rollout_probs_diff_valid": 1,
         "training/rollout_probs_diff_max": probs_diff.max(),
-        "training/rollout_probs_diff_std": probs_diff.std() if probs_diff.numel() > 1 else 0.0,
-        "training/rollout_actor_probs_pearson_corr": _pearson(probs_train, probs_rollout),
-        "rollout_corr/kl": (-log_r).mean(),
-        "rollout_corr/k3_kl": (ratio - safe_log_r - 1.0).mean(),
-        "rollout_corr/log_ppl_abs_diff": log_ppl_diff.abs().mean(),
-        "rollout_corr/ppl_ratio": log_ppl_diff.exp().mean(),
-        "rollout_corr/chi2_token": ratio.square().mean() - 1.0,
-        "rollout_corr/abs_logp_diff_mean": log_r.abs().mean(),
-        "rollout_corr/abs_logp_diff_max": log_r.abs().max(),
+        "training/rollout_probs_diff_mean": probs_diff.mean(),
+        "training/rollout_probs_diff_std": probs_diff.std(),
+        "training/rollout_actor_probs_pearson_corr": pearson,
+        **{f"rollout_corr/{k}": v for k, v in {**token, **seq}.items()},
+        "rollout_corr/abs_logp_diff_mean": abs_log_r.mean(),
+        "rollout_corr/abs_logp_diff_max": abs_log_r.max(),
     }
     return {name: float(value) for name, value in metrics.items()}

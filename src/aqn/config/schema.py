@@ -115,11 +115,13 @@ class ActorConfig:
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2  # DAPO: 0.28
     clip_ratio_c: float = 3.0  # dual clip for negative advantages
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                           "seq-mean-token-sum-norm"] = "token-mean"
+    loss_agg_mode: Literal["token-mean", "token-sum", "seq-mean-token-sum",
+                           "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.001
-    kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"
+    # verl's names: k1 = kl, k2 = mse, k3 = low_var_kl; "<name>+" takes k2's gradient
+    kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "kl+", "k1+",
+                          "abs+", "mse+", "k2+", "low_var_kl+", "k3+"] = "low_var_kl"
     entropy_coeff: float = 0.0
     grad_clip: float = 1.0
     # QeRL's setting: the policy itself is the fake-quantized base (needs lora.rank > 0: only

@@ -22,11 +22,15 @@ from aqn.token_math import LOG_RATIO_BOUND, masked_mean, masked_sum
 
 LOSS_AGG_MODES: tuple[str, ...] = (
     "token-mean",
+    "token-sum",
     "seq-mean-token-sum",
     "seq-mean-token-mean",
     "seq-mean-token-sum-norm",
 )
-KL_KINDS: tuple[str, ...] = ("kl", "abs", "mse", "low_var_kl")
+# verl's names; k1/k2/k3 alias kl/mse/low_var_kl, and a trailing "+" keeps the estimate's value
+# but takes the gradient of k2 (straight through), which is the unbiased KL gradient.
+_KL_BASE = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+KL_KINDS: tuple[str, ...] = _KL_BASE + tuple(f"{k}+" for k in _KL_BASE)
 IS_LEVELS: tuple[str, ...] = ("token", "sequence")
 
 def zero_advantage_fraction(scores: Tensor, group_ids: Sequence[int | str]) -> float:
@@ -76,30 +80,31 @@ def grpo_advantages(
 
 
 def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean") -> Tensor:
-    """Reduce per-token losses ``[B, T]`` to a scalar.
+    """Reduce per-token losses ``[B, T]`` to a scalar, as verl 0.9's ``agg_loss`` on one rank.
 
     - ``token-mean``: sum over valid tokens / number of valid tokens (DAPO).
+    - ``token-sum``: sum over valid tokens.
     - ``seq-mean-token-sum``: mean over sequences of each sequence's token sum.
     - ``seq-mean-token-mean``: mean over sequences of each sequence's token mean (GRPO paper).
-    - ``seq-mean-token-sum-norm``: sum of all valid token losses / ``mask.shape[-1]``
-      (Dr. GRPO, as verl: the divisor is the padded response length, a constant, and the
-      result is *not* divided by the number of sequences).
+    - ``seq-mean-token-sum-norm``: ``seq-mean-token-sum`` / ``mask.shape[-1]`` (Dr. GRPO: the
+      padded response length, a constant; verl >= 0.8 divides by the sequences too).
 
-    The two ``seq-mean`` modes average over sequences that have at least one valid token.
+    The ``seq-mean`` modes average over sequences that have at least one valid token.
     """
     if mode not in LOSS_AGG_MODES:
         valid_modes = ", ".join(LOSS_AGG_MODES)
         raise ValueError(f"unknown loss_agg_mode {mode!r}; valid modes: {valid_modes}")
     if mode == "token-mean":
         return masked_mean(loss_mat, mask)
+    if mode == "token-sum":
+        return masked_sum(loss_mat, mask)
     seq_sums = masked_sum(loss_mat, mask, dim=-1)
-    if mode == "seq-mean-token-sum-norm":
-        return seq_sums.sum() / mask.shape[-1]
     valid = mask.bool()
     per_seq = seq_sums
     if mode == "seq-mean-token-mean":
         per_seq = seq_sums / valid.sum(-1).clamp(min=1)
-    return masked_mean(per_seq, valid.any(-1))
+    loss = masked_mean(per_seq, valid.any(-1))
+    return loss / mask.shape[-1] if mode == "seq-mean-token-sum-norm" else loss
 
 
 def policy_loss(
@@ -158,23 +163,30 @@ def policy_loss(
 
 
 def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, kind: str) -> Tensor:
-    """Per-token KL estimate between the policy and the reference model.
+    """Per-token KL estimate between the policy and the reference model (verl's names).
 
-    ``kl``: ``logp - ref`` (k1); ``abs``: ``|logp - ref|``; ``mse``: ``0.5 (logp - ref)^2``
-    (k2); ``low_var_kl``: k3 = ``exp(ref - logp) - (ref - logp) - 1``, with the log-ratio
-    clamped to +-20 and the result to [-10, 10] as verl does (non-negative, low variance).
+    ``kl`` / ``k1``: ``logp - ref``; ``abs``: ``|logp - ref|``; ``mse`` / ``k2``:
+    ``0.5 (logp - ref)^2``; ``low_var_kl`` / ``k3``: ``exp(ref - logp) - (ref - logp) - 1``,
+    with the log-ratio clamped to +-20 and the result to [-10, 10] as verl does (non-negative,
+    low variance). ``<kind>+``: the value of ``<kind>`` with the gradient of k2.
     """
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown kl kind {kind!r}; valid kinds: {', '.join(KL_KINDS)}")
+    base = kind.removesuffix("+")
     diff = log_prob - ref_log_prob
-    if kind == "kl":
-        return diff
-    if kind == "abs":
-        return diff.abs()
-    if kind == "mse":
-        return 0.5 * diff.square()
-    if kind == "low_var_kl":
+    if base in ("kl", "k1"):
+        value = diff
+    elif base == "abs":
+        value = diff.abs()
+    elif base in ("mse", "k2"):
+        value = 0.5 * diff.square()
+    else:
         kl = torch.clamp(-diff, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-        return torch.clamp(torch.exp(kl) - kl - 1.0, -10.0, 10.0)
-    raise ValueError(f"unknown kl kind {kind!r}; valid kinds: {', '.join(KL_KINDS)}")
+        value = torch.clamp(torch.exp(kl) - kl - 1.0, -10.0, 10.0)
+    if not kind.endswith("+") or base in ("mse", "k2"):
+        return value
+    k2 = 0.5 * diff.square()
+    return k2 - k2.detach() + value.detach()
 
 
 def rollout_is_weights(
@@ -184,19 +196,21 @@ def rollout_is_weights(
     level: str = "token",
     threshold: float = 2.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Truncated importance weights ``min(r, threshold)`` correcting rollout-vs-train mismatch.
+    """Truncated importance weights ``min(r, threshold)`` correcting rollout-vs-train mismatch,
+    with the metrics verl 0.9 logs for them (``compute_rollout_correction_weights``).
 
     ``token``: ``r = exp(clamp(train - rollout, -20, 20))`` per token. ``sequence``: the
     product of the sequence's token ratios, ``exp(clamp(sum of log r, -20, 20))``, broadcast
     over its tokens. Weights are detached (they reweight samples, they are not optimised)
     and 0 on masked positions; shape ``[B, T]``, dtype of the inputs.
 
-    Metrics, over valid tokens (``token``) or sequences with a valid token (``sequence``):
-    ``rollout_is_mean`` and ``rollout_is_max`` of the weights *before* truncation (as verl
-    logs them, so the size of the mismatch stays visible), ``rollout_is_truncated_frac``
-    (share above ``threshold``), and ``rollout_is_eff_sample_size`` =
-    ``(sum w)^2 / (N sum w^2)`` of the truncated weights actually applied, in (0, 1], 1 when
-    all weights are equal.
+    Metrics (verl's keys, without the ``rollout_corr/`` prefix): ``rollout_is_mean``, ``_std``
+    and ``_eff_sample_size`` of the truncated weights over valid tokens (so a sequence weighs
+    by its length at sequence level too); ``rollout_is_max`` / ``_min``: of the truncated
+    weights per token, of the untruncated ratio per sequence (an all-masked sequence counts
+    as ratio 1 there); ``rollout_is_ratio_fraction_high`` / ``_low``: share above
+    ``threshold`` / below ``1 / threshold``; ``rollout_is_seq_*``: of each sequence's mean
+    weight.
     """
     if level not in IS_LEVELS:
         raise ValueError(f"unknown IS level {level!r}; valid levels: {', '.join(IS_LEVELS)}")
@@ -206,23 +220,55 @@ def rollout_is_weights(
     if not valid.any():
         raise ValueError("mask has no valid token")
 
-    diff = (train_log_prob - rollout_log_prob).detach()
-    log_r = torch.where(valid, diff, torch.zeros_like(diff))
+    log_r = torch.where(valid, train_log_prob - rollout_log_prob, 0.0).detach()
     if level == "token":
+        log_r_unit = log_r  # the log-ratio each weight comes from
         raw = log_r.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
-        per_unit = raw[valid]
     else:
-        seq_ratio = log_r.sum(-1).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
-        raw = seq_ratio.unsqueeze(-1).expand_as(log_r)
-        per_unit = seq_ratio[valid.any(-1)]
-    weights = torch.where(valid, raw.clamp(max=threshold), torch.zeros_like(raw))
+        log_r_unit = log_r.sum(-1, keepdim=True)
+        raw = log_r_unit.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp().expand_as(log_r)
+    raw = torch.where(valid, raw, 0.0)
+    weights = raw.clamp(max=threshold)
+    return weights, _is_metrics(weights, raw, log_r_unit, valid, level, threshold)
 
-    applied = per_unit.clamp(max=threshold)
-    ess = applied.sum().square() / (applied.numel() * applied.square().sum())
-    metrics = {
-        "rollout_is_mean": per_unit.mean(),
-        "rollout_is_max": per_unit.max(),
-        "rollout_is_truncated_frac": (per_unit > threshold).float().mean(),
-        "rollout_is_eff_sample_size": ess,
-    }
-    return weights, {name: float(value) for name, value in metrics.items()}
+
+def _is_metrics(weights: Tensor, raw: Tensor, log_r_unit: Tensor, valid: Tensor, level: str,
+                threshold: float) -> dict[str, float]:
+    """verl 0.9's ``compute_is_metrics`` for truncated weights (see ``rollout_is_weights``)."""
+    lower = 1.0 / threshold
+    metrics = {"rollout_is_mean": masked_mean(weights, valid)}
+    if level == "sequence":
+        log_upper = torch.log(torch.tensor(threshold, device=weights.device))
+        log_lower = torch.log(torch.tensor(lower, device=weights.device))
+        metrics["rollout_is_max"] = log_r_unit.max().clamp(max=LOG_RATIO_BOUND).exp()
+        metrics["rollout_is_min"] = log_r_unit.min().exp()
+        metrics["rollout_is_ratio_fraction_high"] = (log_r_unit > log_upper).float().mean()
+        metrics["rollout_is_ratio_fraction_low"] = (log_r_unit < log_lower).float().mean()
+    else:
+        metrics["rollout_is_ratio_fraction_high"] = masked_mean(
+            (raw > threshold).float(), valid)
+        metrics["rollout_is_ratio_fraction_low"] = masked_mean((raw < lower).float(), valid)
+        metrics["rollout_is_max"] = weights.masked_fill(~valid, float("-inf")).max()
+        metrics["rollout_is_min"] = weights.masked_fill(~valid, float("inf")).min()
+    applied = weights.clamp(min=0.0, max=threshold)
+    mean = masked_mean(applied, valid)
+    if valid.sum() > 1:
+        var = masked_mean(applied.square(), valid) - mean.square()
+        metrics["rollout_is_std"] = var.clamp(min=0.0).sqrt()
+    else:
+        metrics["rollout_is_std"] = 0.0
+    normalised = applied / (mean + 1e-8)
+    metrics["rollout_is_eff_sample_size"] = 1.0 / masked_mean(
+        normalised.square(), valid).item()
+    seq_mean = masked_mean(weights, valid, dim=-1)
+    raw_seq_mean = masked_mean(raw, valid, dim=-1)
+    metrics.update({
+        "rollout_is_seq_mean": seq_mean.mean(),
+        "rollout_is_seq_std": seq_mean.std() if seq_mean.numel() > 1 else 0.0,
+        "rollout_is_seq_max": seq_mean.max(),
+        "rollout_is_seq_min": seq_mean.min(),
+        "rollout_is_seq_max_deviation": (seq_mean - 1.0).abs().max(),
+        "rollout_is_seq_fraction_high": (raw_seq_mean > threshold).float().mean(),
+        "rollout_is_seq_fraction_low": (raw_seq_mean < lower).float().mean(),
+    })
+    return {name: float(value) for name, value in metrics.items()}

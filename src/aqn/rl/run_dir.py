@@ -40,9 +40,9 @@ class RunLock:
     """
 
     def __init__(self, run_dir: Path) -> None:
+        self._fd: int | None = None  # first: __del__ runs even when mkdir below fails
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_FILE
-        self._fd: int | None = None
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

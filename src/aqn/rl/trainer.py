@@ -380,9 +380,9 @@ class GRPOTrainer:
 def _micro_weight(mode: str, micro_mask: Tensor, mini_mask: Tensor) -> float:
     if mode == "token-mean":
         return micro_mask.sum().item() / max(1.0, mini_mask.sum().item())
-    if mode == "seq-mean-token-sum-norm":
-        return 1.0  # a sum over sequences divided by a constant: micro losses just add up
-    return micro_mask.shape[0] / mini_mask.shape[0]
+    if mode == "token-sum":
+        return 1.0  # micro-batch sums just add up
+    return micro_mask.shape[0] / mini_mask.shape[0]  # the seq-mean modes
 
 
 def train(cfg: AQNConfig) -> dict[str, float]:
