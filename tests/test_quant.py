@@ -136,60 +136,7 @@ def test_per_channel_and_per_tensor_scales():
     assert (q8.abs().max() - w.abs().max()).abs() < 1e-6  # amax maps onto 448 exactly
 
 
-# ---------------------------------------------------------------- against torchao
-
-@pytest.fixture(scope="module")
-def torchao_ref():
-    pytest.importorskip("torchao")
-    from aqn.quant.torchao_ref import torchao_fake_quantize
-
-    return torchao_fake_quantize
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("scale", [1.0, 0.02, 1e-4])
-def test_equal_to_torchao_fp32(torchao_ref, fmt, scale):
-    w = awkward() * scale
-    assert torch.equal(fake_quantize(w, fmt), torchao_ref(w, fmt))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("width", [200, 576])  # 576: SmolLM2's hidden size, 4.5 int4 groups
-def test_equal_to_torchao_on_widths_not_divisible_by_the_block(torchao_ref, fmt, width):
-    w = gaussian(64, width, seed=3)
-    assert torch.equal(fake_quantize(w, fmt), torchao_ref(w, fmt))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_equal_to_torchao_bf16_computed_in_fp32(torchao_ref, fmt):
-    w = awkward(seed=1).bfloat16()
-    assert torch.equal(fake_quantize(w, fmt), torchao_ref(w.float(), fmt).bfloat16())
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_torchao_native_bf16_differs_by_at_most_one_step(torchao_ref, fmt):
-    # On bf16 input torchao keeps bf16 for the int4/int8 scales and arithmetic and for the
-    # fp8 scale (amax / 448 rounded to bf16); ours computes in fp32 as specified. The
-    # slightly different scale moves elements near a rounding boundary by one step (25-40 %
-    # of the elements here), and rescales the rest by < 2^-8 before the bf16 rounding.
-    w = gaussian(96, 512, seed=0).bfloat16()
-    ours, theirs = fake_quantize(w, fmt).float(), torchao_ref(w, fmt).float()
-    x = w.float()
-    if fmt in ("nvfp4", "mxfp4"):  # torchao computes these in fp32 too: bit for bit
-        assert torch.equal(ours, theirs)
-        return
-    if fmt == "int8":
-        step = x.abs().amax(-1, keepdim=True) / 127.5
-    elif fmt == "int4":
-        g = x.reshape(96, -1, 128)
-        step = (g.amax(-1, keepdim=True).clamp(min=0) - g.amin(-1, keepdim=True).clamp(max=0)) / 15
-        step = step.expand_as(g).reshape(96, 512)
-    else:  # one E4M3 step at the value: 2^-3 relative (2^-9 of the scale when subnormal)
-        step = torch.maximum(ours.abs(), theirs.abs()) / 8 + x.abs().amax() / 448 * 2**-9
-    diff = (ours - theirs).abs()
-    assert (diff > 0).any()
-    assert (diff <= step + 2**-6 * torch.maximum(ours.abs(), theirs.abs())).all()
-    assert rel_l2(ours, x) == pytest.approx(rel_l2(theirs, x), rel=0.01)
+# (bit-equality with torchao: tests/test_peers.py)
 
 
 # ---------------------------------------------------------------- model level

@@ -26,15 +26,21 @@ def test_strict_needs_the_marker():
     assert extract_solution("####42") is None
 
 
-def test_commas_and_dollars_stripped():
+def test_strict_strips_commas_and_flexible_keeps_them_as_verl():
     assert extract_solution("#### 1,234") == "1234"
-    assert extract_solution("It costs $1,234 in total", "flexible") == "1234"
+    assert extract_solution("It costs $1,234 in total", "flexible") == "1,234"
+    assert compute_score("#### 1,234", "1234", method="flexible") == 0.0
 
 
-def test_flexible_finds_last_number():
+def test_flexible_finds_last_number_as_verl():
     assert extract_solution("3 apples and 5 pears, so 8 fruits.", "flexible") == "8"
     assert extract_solution("#### 4 but really -6", "flexible") == "-6"
-    assert extract_solution("no numbers here...", "flexible") is None
+    # verl skips only "" and ".": a bare "," or "..." is a (wrong) answer, worth the format score
+    assert extract_solution("#### 18, so that's it...", "flexible") == "..."
+    assert extract_solution("#### 18, so", "flexible") == "18,"
+    assert extract_solution("no numbers here...", "flexible") == "..."
+    assert compute_score("no numbers here...", "8", "flexible", format_score=0.1) == 0.1
+    assert extract_solution("no numbers here", "flexible") is None
 
 
 def test_numeric_prefers_marker_then_last_number():

@@ -3,9 +3,12 @@
 All arithmetic runs in fp32 whatever the input dtype, in the same order of operations as
 torchao 0.18 (the reference the tests compare against), so results agree with it to the bit
 on CPU for fp32 inputs, and for bf16 inputs that torchao is given as fp32 (on bf16 torchao
-computes the int4/int8/fp8 scales in bf16). CPU and CUDA agree to the bit too: divisions
-by constants are true divisions (CUDA turns ``x / 127.5`` into ``x * (1 / 127.5)``, so
-torchao on CUDA can be one ulp off in a scale, moving rare elements one step).
+computes the int4/int8/fp8 scales in bf16); tests/test_peers.py compares the bits, signs of
+zeros included. One deviation: an nvfp4 tensor of subnormals (amax < 2^-100) is quantized
+scaled up, where torchao's reciprocal scale overflows into garbage. CPU and CUDA agree to
+the bit too: divisions by constants are true divisions (CUDA turns ``x / 127.5`` into
+``x * (1 / 127.5)``, so torchao on CUDA can be one ulp off in a scale, moving rare
+elements one step).
 
 Blocks and groups run along the last (input) dimension; a last dimension that is not a
 multiple of the block size is zero-padded, which changes no scale (zeros never raise an
@@ -21,7 +24,8 @@ Formats:
   ``ScaleCalculationMode.FLOOR``. Elements above 6 after scaling saturate to 6.
 - ``int4``: asymmetric min-max round-to-nearest in groups of 128, codes 0..15 with an
   integer zero point, the range stretched to contain 0: the GPTQ/AWQ RTN convention and
-  torchao's ``choose_qparams_affine(ASYMMETRIC)`` as its int4 CPU path uses it (eps 1e-6).
+  torchao's affine primitives ``choose_qparams_affine(ASYMMETRIC)`` / ``quantize_affine``
+  with codes 0..15 and eps 1e-6 (torchao's int4 tensor classes are GPU/XPU/NPU kernels).
 - ``int8``: symmetric per output channel (per row), torchao's ``Int8Tensor`` convention:
   scale = amax / 127.5 and codes in [-128, 127], so a row's largest positive element can
   clip by half a step (the other common choice is amax / 127 over [-127, 127]).
@@ -42,7 +46,7 @@ E4M3 = (3, -6, 448.0)  # float8_e4m3fn
 E2M1_MAX, E4M3_MAX = E2M1[2], E4M3[2]
 E4M3_TINY = 2.0**-6  # smallest normal E4M3: the smallest NVFP4 block scale, as torchao
 F32_EPS = torch.finfo(torch.float32).eps
-INT4_EPS = 1e-6  # smallest int4 group scale, as torchao's int4 CPU path
+INT4_EPS = 1e-6  # smallest int4 group scale, as in the torchao reference
 NVFP4_BLOCK, MXFP4_BLOCK, INT4_GROUP = 16, 32, 128
 
 
@@ -100,8 +104,13 @@ def _unblocks(xb: Tensor, width: int) -> Tensor:
 # ops on its own scratch tensors keep it to about two full-size allocations.
 
 def _nvfp4(x: Tensor) -> Tensor:
-    xb = _blocks(x, NVFP4_BLOCK)
     amax = _amax(x)
+    # A tensor whose amax is below 2^-100 would make 1 / tensor_scale overflow to inf and
+    # 0 * inf = nan (torchao turns that into garbage, e.g. -0 -> -2.5e-40). Scaling by 2^64
+    # is exact and changes no ratio the format sees, so such a tensor is done scaled up.
+    up = torch.where(amax < 2.0**-100, 2.0**64, 1.0)
+    xb = _blocks(x, NVFP4_BLOCK) * up
+    amax = amax * up
     # The per-tensor scale lets the E4M3 block scales use their whole range up to 448.
     # An all-zero tensor keeps scale 1 (torchao divides by zero and returns NaN).
     tensor_scale = torch.where(amax > 0, _div(amax, E4M3_MAX * E2M1_MAX), 1.0)
@@ -109,7 +118,7 @@ def _nvfp4(x: Tensor) -> Tensor:
     block_scale = block_scale.clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn).float()
     # multiply by the reciprocal, in torchao's order, so the results agree to the bit
     q = _round_float_(xb * ((1.0 / tensor_scale) / block_scale), *E2M1)
-    return _unblocks(q.mul_(tensor_scale * block_scale), x.shape[-1])
+    return _unblocks(q.mul_(tensor_scale * block_scale).div_(up), x.shape[-1])
 
 
 def _mxfp4(x: Tensor) -> Tensor:
@@ -135,8 +144,9 @@ def _int4(x: Tensor) -> Tensor:
 def _int8(x: Tensor) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])
     scale = _div(_amax(rows, -1), 127.5).clamp(min=F32_EPS)
-    q = (rows * (1.0 / scale)).round_().clamp_(-128, 127)
-    return q.mul_(scale).reshape(x.shape)
+    # through int8 storage, as the format holds it: a value rounded to -0 comes back +0
+    q = (rows * (1.0 / scale)).round_().clamp_(-128, 127).to(torch.int8)
+    return q.float().mul_(scale).reshape(x.shape)
 
 
 def _fp8_e4m3(x: Tensor) -> Tensor:

@@ -41,7 +41,8 @@ def _mxfp4(w: Tensor) -> Tensor:
 
 
 def _int4(w: Tensor) -> Tensor:
-    # the settings of torchao's int4 CPU/XPU path (Int4PlainInt32Tensor)
+    # torchao's affine quantization primitives with int4 codes 0..15 in groups of 128 (its
+    # int4 tensor classes, e.g. Int4PlainInt32Tensor, are XPU/NPU kernels, not a CPU path)
     qp, *_ = _torchao()
     block = (1, 128)
     scale, zero = qp.choose_qparams_affine(w, qp.MappingType.ASYMMETRIC, block, torch.int32,

@@ -24,27 +24,35 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown GSM8K reward method {method!r}; valid: {', '.join(METHODS)}")
 
 
-def _clean(number: str) -> str:
+def clean_number(number: str) -> str:
+    """`number` without commas and `$` (how strict extraction writes an answer)."""
     return number.replace(",", "").replace("$", "")
 
 
 def extract_solution(text: str, method: str = "strict") -> str | None:
     """The final answer in the last 300 characters of `text`, or None.
 
-    strict: the last `#### N`. flexible: the last number. numeric: the last `#### N`,
-    else the last number. Commas and `$` are removed from the result.
+    strict (verl's): the last `#### N`, commas and `$` removed. flexible (verl's): the last
+    match of the number pattern that is not "" or "." (else the first match), as written,
+    commas included. numeric (ours): the last `#### N`, else the last number with a digit,
+    commas and `$` removed.
     """
     check_method(method)
     tail = text[-_CLIP_CHARS:]
-    if method != "flexible":
-        found = _STRICT_RE.findall(tail)
-        if found:
-            return _clean(found[-1])
-        if method == "strict":
-            return None
+    if method == "flexible":
+        found = _NUMBER_RE.findall(tail)
+        real = [m for m in found if m not in ("", ".")]
+        if real:
+            return real[-1]
+        return found[0] if found else None  # where verl's loop ends when no match is real
+    found = _STRICT_RE.findall(tail)
+    if found:
+        return clean_number(found[-1])
+    if method == "strict":
+        return None
     # The number regex also matches bare punctuation such as "." or ","; skip those.
     for match in reversed(_NUMBER_RE.findall(tail)):
-        number = _clean(match)
+        number = clean_number(match)
         if any(ch.isdigit() for ch in number):
             return number
     return None
@@ -52,19 +60,19 @@ def extract_solution(text: str, method: str = "strict") -> str | None:
 
 def _to_number(text: str) -> Decimal | None:
     try:
-        value = Decimal(_clean(text.strip()))
+        value = Decimal(clean_number(text.strip()))
     except InvalidOperation:
         return None
     return value if value.is_finite() else None
 
 
 def answers_match(answer: str, ground_truth: str, method: str = "strict") -> bool:
-    """Whether an extracted answer equals the ground truth: as strings after removing commas
-    and ``$`` (strict, flexible, as verl), or by value (numeric)."""
+    """Whether an extracted answer equals the ground truth: as strings (strict, flexible, as
+    verl: `1,234` is not `1234` under flexible), or by value (numeric)."""
     if method == "numeric":
         value = _to_number(answer)
         return value is not None and value == _to_number(ground_truth)
-    return _clean(answer.strip()) == ground_truth
+    return answer == ground_truth
 
 
 def compute_score(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from aqn.rewards.gsm8k import answers_match
+from aqn.rewards.gsm8k import answers_match, clean_number
 
 CORRECT_SCORE = 2.0
 FORMAT_SCORE = 0.2
@@ -17,7 +17,7 @@ _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 def extract_answer(response: str) -> str | None:
     found = _ANSWER_RE.findall(response)
-    return found[-1].strip() if found else None
+    return clean_number(found[-1].strip()) if found else None
 
 
 def compute_score(response: str, ground_truth: str, method: str = "strict") -> float:
