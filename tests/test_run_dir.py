@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aqn.cli import main as cli_main
 from aqn.config import ConfigError, load_config
 from aqn.files import write_atomic
 from aqn.rl.run_dir import RunLock
@@ -125,3 +127,55 @@ def test_an_atomic_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
         write_atomic(path, "new\n")
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [
         "machine.json"]
+
+
+def run_cli(*argv, file_size_limit=None):
+    def limit():  # in the child only: a disk that takes no file above this size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run([sys.executable, "-m", "aqn.cli", *argv], capture_output=True,
+                          text=True, preexec_fn=limit if file_size_limit else None)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_naming_the_file(tmp_path):
+    args = ["train", "smoke", f"trainer.default_local_dir={tmp_path}",
+            "trainer.experiment_name=run", "trainer.progress_bar=false"]
+    full = run_cli(*args, file_size_limit=1_000_000)  # the 2.9 MB model cannot be written
+    assert full.returncode == 2
+    message = full.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in full.stderr
+    assert message.startswith("aqn train: error: ") and "File too large" in message
+    assert "checkpoints/step_2.tmp/model.safetensors" in message
+    assert "trainer.resume=true" in message
+    run = tmp_path / "run"
+    assert not (run / "checkpoints" / "step_2.tmp").exists()  # the part is gone, not kept
+    config = (run / "config.yaml").read_text()
+    again = run_cli(*args, "trainer.resume=true")
+    assert again.returncode == 0, again.stderr
+    assert (run / "config.yaml").read_text() == config
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4"]
+
+
+@pytest.mark.parametrize("torn, why", [
+    ("model.safetensors", "SafetensorError"),
+    ("optimizer.safetensors", "SafetensorError"),
+    ("state.json", "JSONDecodeError"),
+])
+def test_a_garbage_checkpoint_file_is_one_line_naming_it(tmp_path, capsys, torn, why):
+    train(smoke(tmp_path, "trainer.total_training_steps=2", "trainer.save_freq=2"))
+    (tmp_path / "run" / "checkpoints" / "step_2" / torn).write_bytes(b"\x00garbage")
+    code = cli_main(["train", "smoke", f"trainer.default_local_dir={tmp_path}",
+                     "trainer.experiment_name=run", "trainer.total_training_steps=2",
+                     "trainer.save_freq=2", "trainer.resume=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert f"checkpoints/step_2/{torn}: {why}" in err[0]
+
+
+def test_a_state_without_param_groups_is_named(tmp_path):
+    train(smoke(tmp_path, "trainer.total_training_steps=2", "trainer.save_freq=2"))
+    (tmp_path / "run" / "checkpoints" / "step_2" / "state.json").write_text('{"step": 2}')
+    with pytest.raises(ConfigError, match="state.json: not an aqn checkpoint state"):
+        GRPOTrainer(smoke(tmp_path, "trainer.total_training_steps=2", "trainer.save_freq=2",
+                          "trainer.resume=true"))

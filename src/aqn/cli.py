@@ -362,8 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
+    # one line naming the key or file at fault; OSError covers a full disk, permissions and
+    # aqn.files.FileError (torn or garbage files, named)
     except (ConfigError, NoTargetsError, TrainingError, ModelUnavailableError, ValueError,
-            FileNotFoundError) as e:
+            OSError) as e:
         print(f"aqn {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

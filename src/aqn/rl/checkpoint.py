@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from aqn.files import write_atomic
+from aqn.files import FileError, about, write_atomic
 
 STATE_FILE = "state.json"
 
@@ -40,15 +40,22 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    opt = optimizer.state_dict()
-    tensors = {f"{pid}.{k}": v.contiguous() for pid, st in opt["state"].items()
-               for k, v in st.items() if isinstance(v, torch.Tensor)}
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "param_groups": opt["param_groups"], **extra}
-    write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
+    try:
+        with about(tmp):
+            tmp.mkdir(parents=True)
+        with about(tmp / "model.safetensors"):
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        opt = optimizer.state_dict()
+        tensors = {f"{pid}.{k}": v.contiguous() for pid, st in opt["state"].items()
+                   for k, v in st.items() if isinstance(v, torch.Tensor)}
+        tensors["rng.torch"] = torch.get_rng_state()
+        with about(tmp / "optimizer.safetensors"):
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {"step": step, "param_groups": opt["param_groups"], **extra}
+        write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a part is no checkpoint; free its space
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     older = sorted((p for p in final.parent.glob("step_*") if p != final and p.is_dir()),
@@ -60,9 +67,14 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore weights, optimizer and torch RNG in place; return the saved state."""
-    state = json.loads((path / STATE_FILE).read_text())
-    load_model(model, str(path / "model.safetensors"))
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    with about(path / STATE_FILE):
+        state = json.loads((path / STATE_FILE).read_text())
+    if not isinstance(state, dict) or "param_groups" not in state:
+        raise FileError(f"{path / STATE_FILE}: not an aqn checkpoint state (no param_groups)")
+    with about(path / "model.safetensors"):
+        load_model(model, str(path / "model.safetensors"))
+    with about(path / "optimizer.safetensors"):
+        tensors = load_file(str(path / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
     opt_state: dict[int, dict] = {}
     for key, value in tensors.items():

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from aqn.data.jsonl import load_jsonl
-from aqn.files import write_atomic
+from aqn.files import about, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Tracker:
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         row = {"step": step, **{k: _plain(float(v)) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
+        with about(self.path), self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():

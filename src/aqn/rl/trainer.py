@@ -29,7 +29,7 @@ from aqn.config import AQNConfig, config_hash, config_to_dict
 from aqn.config.schema import ValKwargs
 from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
 from aqn.errors import ConfigError, TrainingError
-from aqn.files import write_atomic
+from aqn.files import FileError, write_atomic
 from aqn.hashing import derive_seed
 from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
@@ -358,8 +358,13 @@ class GRPOTrainer:
                 metrics.update(timer.timings)
             self.tracker.log(done, metrics)
             if final or (t.save_freq > 0 and done % t.save_freq == 0):
-                save_checkpoint(self.run_dir, done, self.policy, self.optimizer,
-                                {"config_hash": self.hash}, keep=t.max_actor_ckpt_to_keep)
+                try:
+                    save_checkpoint(self.run_dir, done, self.policy, self.optimizer,
+                                    {"config_hash": self.hash}, keep=t.max_actor_ckpt_to_keep)
+                except FileError as e:
+                    raise FileError(f"{e}; checkpoint {done} was not written, the earlier "
+                                    "ones are intact: make room, then trainer.resume=true"
+                                    ) from e
             last = metrics | {k: v for k, v in last.items() if k not in metrics}
             progress = {"reward": f"{metrics[keys.SCORE_MEAN]:.3f}",
                         "acc": f"{metrics[keys.SAMPLED_ACC]:.3f}",
