@@ -362,3 +362,52 @@ def test_a_redirected_log_gets_a_plain_line_per_step(tmp_path, capsys):
     lines = [x for x in err.splitlines() if x.startswith("step ")]
     assert [x.split()[1] for x in lines] == ["1/4", "2/4", "3/4", "4/4"]
     assert "\r" not in err and "reward " in lines[0] and " time " in lines[0]
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # an unperturbed engine: its recompute is skipped, rollout = old log-probs
+    [*AQN, "algorithm.rollout_is=token"],  # noisy rollout, TIS on
+    [*AQN, "algorithm.rollout_is=sequence", "actor_rollout_ref.actor.entropy_coeff=0.01"],
+])
+def test_old_log_probs_from_the_training_forward_equal_the_separate_pass(tmp_path, extra):
+    """The on-policy shortcut (one optimizer step per batch) changes nothing but the time:
+    the same loss, gradient and metrics, bit for bit, as verl's separate old_log_prob pass."""
+    results = {}
+    for mode in ("auto", "separate"):
+        # the same micro-batches on both sides, so the two forward passes are the same sums
+        cfg = smoke(tmp_path, f"actor_rollout_ref.actor.old_log_prob={mode}",
+                    "actor_rollout_ref.rollout.micro_batch_size=8",
+                    "trainer.val_before_train=false",
+                    *extra, name=mode)
+        trainer = GRPOTrainer(cfg)
+        assert trainer.old_log_prob_from_update() == (mode == "auto")
+        trainer.reward_fn = lambda response, truth: float(len(response) % 2)  # gives advantages
+        grads = []
+
+        def grab_then_step(trainer=trainer, grads=grads, step=trainer.optimizer.step):
+            grads.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]))
+            step()
+
+        trainer.optimizer.step = grab_then_step
+        metrics = {}
+        for step in range(2):  # step 1 has AQN noise on (step 0 is the schedule's clean stage)
+            metrics = trainer.step(step)
+        results[mode] = grads, deterministic(metrics)
+    (grads_auto, auto), (grads_sep, separate) = results["auto"], results["separate"]
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+               for a, b in zip(grads_auto, grads_sep, strict=True))
+    assert grads_auto[-1].abs().max() > 1e-4
+    assert set(auto) == set(separate)
+    compared = [k for k in auto if k.startswith(("rollout_corr/", "training/", "actor/"))]
+    assert len(compared) > 25
+    for key in compared:
+        same_nan = math.isnan(auto[key]) and math.isnan(separate[key])
+        assert auto[key] == separate[key] or same_nan, key
+    if extra:
+        assert separate["rollout_corr/abs_logp_diff_max"] > 0  # the noise really shows
+
+
+def test_multi_epoch_or_mini_batch_configs_keep_the_separate_pass(tmp_path):
+    for name, override in [("epochs", "actor_rollout_ref.actor.ppo_epochs=2"),
+                           ("minis", "actor_rollout_ref.actor.ppo_mini_batch_size=2")]:
+        assert not GRPOTrainer(smoke(tmp_path, override, name=name)).old_log_prob_from_update()

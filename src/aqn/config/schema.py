@@ -112,6 +112,10 @@ class ActorConfig:
     ppo_mini_batch_size: int | None = None
     ppo_micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation)
     ppo_epochs: int = 1
+    # auto: when a batch gets one optimizer step (one epoch, one mini-batch), the training
+    # forward's detached log-probs are the old ones (as TRL): one forward pass less per step.
+    # separate: always a separate pass before the update (verl's compute_log_prob).
+    old_log_prob: Literal["auto", "separate"] = "auto"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2  # DAPO: 0.28
     clip_ratio_c: float = 3.0  # dual clip for negative advantages

@@ -166,10 +166,10 @@ class GRPOTrainer:
             if not torch.isfinite(rewards).all():
                 raise TrainingError(f"non-finite reward at step {step}")
             mask = batch.response_mask
-            with timer("old_log_prob"):
-                old = self.logprobs(self.policy, batch, with_entropy=True)
-            if reuse_old:
-                batch.rollout_log_probs = old.log_probs
+            old = None  # None: taken from the training forward itself (on-policy shortcut)
+            with timer("old_log_prob"):  # 0 s then: the time is in update_actor
+                if not self.old_log_prob_from_update():
+                    old = self.logprobs(self.policy, batch, with_entropy=True)
             ref_log_probs = None
             if self.ref is not None:
                 with timer("ref"):
@@ -177,16 +177,18 @@ class GRPOTrainer:
             with timer("adv"):
                 advantages = algos.grpo_advantages(
                     rewards, batch.group_index, cfg.algorithm.norm_adv_by_std_in_grpo)
+            with timer("update_actor"):
+                update_metrics, old = self.update(step, batch, old, ref_log_probs, advantages,
+                                                  rollout_is_old=reuse_old)
+            metrics.update(update_metrics)
+            if reuse_old:
+                batch.rollout_log_probs = old.log_probs
             metrics.update(rollout_mismatch_metrics(old.log_probs, batch.rollout_log_probs, mask))
-            is_weights = None
             if cfg.algorithm.rollout_is:
-                is_weights, is_metrics = algos.rollout_is_weights(
+                _, is_metrics = algos.rollout_is_weights(
                     old.log_probs, batch.rollout_log_probs, mask, cfg.algorithm.rollout_is,
                     cfg.algorithm.rollout_is_threshold)
                 metrics.update({f"rollout_corr/{k}": v for k, v in is_metrics.items()})
-            with timer("update_actor"):
-                metrics.update(self.update(step, batch, old.log_probs, ref_log_probs,
-                                           advantages, is_weights))
         lengths = mask.sum(-1)
         tokens = batch.attention_mask.sum().item()
         metrics.update({
@@ -220,10 +222,26 @@ class GRPOTrainer:
         return logprob_batch(model, batch, self.cfg.actor_rollout_ref.rollout.temperature,
                              self.engine.micro_batch_size, with_entropy)
 
-    def update(self, step: int, batch: RolloutBatch, old_log_probs: Tensor,
-               ref_log_probs: Tensor | None, advantages: Tensor,
-               is_weights: Tensor | None) -> dict[str, float]:
+    def old_log_prob_from_update(self) -> bool:
+        """Whether each batch gets exactly one optimizer step, so that the training forward
+        runs on the weights the old log-probs are defined on (``actor.old_log_prob: auto``)."""
+        actor = self.cfg.actor_rollout_ref.actor  # ppo_mini_batch_size is resolved: prompts
+        return (actor.old_log_prob == "auto" and actor.ppo_epochs == 1
+                and actor.ppo_mini_batch_size >= self.cfg.data.train_batch_size)
+
+    def update(self, step: int, batch: RolloutBatch, old: TokenLogProbs | None,
+               ref_log_probs: Tensor | None, advantages: Tensor, rollout_is_old: bool = False
+               ) -> tuple[dict[str, float], TokenLogProbs]:
+        """PPO epochs over mini- and micro-batches; returns the metrics and the old log-probs.
+
+        ``old=None``: one optimizer step per batch, so each micro-batch's training forward
+        gives its old log-probs (detached) and entropy in the same pass. ``rollout_is_old``:
+        the rollout log-probs are the old ones (an unperturbed engine's recompute is skipped).
+        Truncated IS weights (``algorithm.rollout_is``) are computed per micro-batch: they are
+        per row, so the same bits as over the whole batch.
+        """
         actor = self.cfg.actor_rollout_ref.actor
+        algo = self.cfg.algorithm
         n = self.cfg.actor_rollout_ref.rollout.n
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         mini = actor.ppo_mini_batch_size * n  # sequences per optimizer step
@@ -234,20 +252,30 @@ class GRPOTrainer:
         self.policy.train()
         sums: dict[str, list[float]] = {}
         total = batch.input_ids.shape[0]
+        olds: list[TokenLogProbs] = []
         for _ in range(actor.ppo_epochs):
             for start in range(0, total, mini):
                 self.optimizer.zero_grad(set_to_none=True)
                 for m in range(start, min(start + mini, total), micro):
                     sl = slice(m, m + micro)
                     mask = batch.response_mask[sl]
-                    out = response_logprobs(self.policy, batch.input_ids[sl],
-                                          batch.attention_mask[sl], batch.response_length,
-                                          temperature, with_entropy=actor.entropy_coeff != 0)
+                    out = response_logprobs(
+                        self.policy, batch.input_ids[sl], batch.attention_mask[sl],
+                        batch.response_length, temperature,
+                        with_entropy=actor.entropy_coeff != 0 or old is None,
+                        entropy_grad=actor.entropy_coeff != 0)
+                    if old is None:
+                        olds.append(TokenLogProbs(out.log_probs.detach(), out.entropy.detach()))
+                    old_lp = olds[-1].log_probs if old is None else old.log_probs[sl]
+                    is_weights = None
+                    if algo.rollout_is:
+                        rollout_lp = old_lp if rollout_is_old else batch.rollout_log_probs[sl]
+                        is_weights, _ = algos.rollout_is_weights(
+                            old_lp, rollout_lp, mask, algo.rollout_is, algo.rollout_is_threshold)
                     pl = algos.policy_loss(
-                        old_log_probs[sl], out.log_probs, advantages[sl], mask,
+                        old_lp, out.log_probs, advantages[sl], mask,
                         actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c,
-                        actor.loss_agg_mode,
-                        is_weights=None if is_weights is None else is_weights[sl])
+                        actor.loss_agg_mode, is_weights=is_weights)
                     loss = pl["pg_loss"]
                     if actor.entropy_coeff != 0:
                         loss = loss - actor.entropy_coeff * algos.agg_loss(
@@ -276,7 +304,10 @@ class GRPOTrainer:
         self.policy.eval()
         out = {k: sum(v) / len(v) for k, v in sums.items()}
         out["actor/lr"] = lr
-        return out
+        if old is None:  # masked as logprob_batch masks them
+            old = TokenLogProbs(torch.cat([o.log_probs for o in olds]) * batch.response_mask,
+                                torch.cat([o.entropy for o in olds]))
+        return out, old
 
     # -- validation -----------------------------------------------------------------------
 

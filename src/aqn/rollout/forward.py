@@ -35,11 +35,13 @@ def response_logprobs(
     response_length: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> TokenLogProbs:
     """Log-probs (and entropy) of the last ``response_length`` tokens of ``input_ids``.
 
     ``input_ids`` is ``[B, P + T]``: left-padded prompts followed by right-padded responses.
     Logits are divided by ``temperature`` as the rollout sampled from them (verl does the same).
+    ``entropy_grad=False`` computes the entropy outside autograd (for a metric): no graph.
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask), use_cache=False,
@@ -50,5 +52,7 @@ def response_logprobs(
         logits = logits / temperature
     labels = input_ids[:, -response_length:]
     log_probs = log_probs_from_logits(logits, labels)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
     return TokenLogProbs(log_probs, entropy)
