@@ -421,13 +421,15 @@ Notes:
 torch threads aqn {a['threads']}, TRL {t['threads']}.
 - Both sample their own completions (different RNGs), so lengths differ: compare
   s / 1000 completion tokens as well as s / step.
-- aqn holds two copies of the weights (the trainer's and the rollout engine's, synced by
-  load_state_dict every step) and computes rollout-vs-train mismatch metrics every step:
-  that needs the old_log_prob forward over the whole batch (with entropy) and, with
-  log_prob_source=recompute, a second full forward on the engine copy inside `gen`.
-- TRL with num_iterations=1 and one generation per optimizer step skips the old-log-prob
-  forward (it uses the detached log-probs of the training forward) and scores with a
-  fused, chunked LM head (no [batch, length, vocab] logits); it keeps one weight copy.
+- aqn's rollout engine shares the trainer's tensors except those a perturbation writes
+  (rollout.share_weights; none here, noise off): one copy of the weights, sync copies only
+  the owned ones. With one optimizer step per batch the old log-probs and entropy come from
+  the training forward (actor.old_log_prob=auto; 0 s under old_log_prob, the time is in
+  update_actor), and an unperturbed engine skips its recompute; the mismatch metrics are
+  still computed every step.
+- TRL with num_iterations=1 and one generation per optimizer step also skips the
+  old-log-prob forward, and scores with a fused, chunked LM head (no [batch, length,
+  vocab] logits).
 - Peak RSS, timed steps: VmHWM reset after the warm-up (/proc/self/clear_refs), so it is the
   high-water mark of the timed steps alone, model and optimizer state included.""")
 

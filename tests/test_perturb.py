@@ -19,7 +19,7 @@ from aqn.perturb import REGISTRY, SPECS, AQNNoise, build_perturbations, spec_of
 from aqn.quant import WeightQuantizer
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
-from aqn.rollout.base import Engine, Perturbations
+from aqn.rollout.base import Engine, Perturbations, SamplingParams
 from aqn.rollout.hf import HFEngine
 
 X = torch.arange(1, 21).unsqueeze(0)
@@ -184,3 +184,74 @@ def test_the_hf_engine_implements_the_engine_protocol():
 
 def test_every_spec_is_reachable_by_name():
     assert set(SPECS) == {s.name for s in REGISTRY}
+
+
+# ------------------------------------------------------------------------------- shared weights
+
+EVERY_PERTURBATION = [*("trainer.noise_injection.enabled=true",
+                        "trainer.noise_injection.preset=small"),
+                      "actor_rollout_ref.rollout.quantization=int4",
+                      "actor_rollout_ref.rollout.numerics=npu-like",
+                      "actor_rollout_ref.rollout.activation_noise=0.05"]
+
+
+def slots(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{path}.{leaf}": p for path, m in model.named_modules(remove_duplicate=False)
+            for leaf, p in m._parameters.items() if p is not None}
+
+
+def test_writes_names_every_parameter_a_perturbation_changes(tmp_path):
+    """The engine shares what no perturbation writes, so a missing entry would leak."""
+    trainer = GRPOTrainer(smoke(tmp_path, *EVERY_PERTURBATION,
+                                "actor_rollout_ref.rollout.share_weights=false"))
+    engine = trainer.engine
+    before = {k: p.detach().clone() for k, p in slots(engine.model).items()}
+    engine.perturbations.apply(1)  # step 1: AQN's sigma is > 0
+    declared = engine.perturbations.writes()
+    changed = {k for k, p in slots(engine.model).items() if not torch.equal(p, before[k])}
+    assert changed, "nothing changed: the test would prove nothing"
+    assert all(id(slots(engine.model)[k]) in declared for k in changed), changed
+    by_name = {p.name: len(p.writes()) for p in engine.perturbations.all}
+    assert by_name["aqn"] > 0 and by_name["quant"] > 0
+    assert by_name["numerics"] == by_name["activation_noise"] == 0
+
+
+@pytest.mark.parametrize("perturbations, min_shared", [
+    (EVERY_PERTURBATION, 0.015),  # a quantized rollout owns its Linear weights: the embedding
+    (EVERY_PERTURBATION[:2], 0.99),  # AQN alone owns the norm gains only
+])
+def test_shared_weights_cannot_leak_a_perturbation_into_the_trainer(tmp_path, perturbations,
+                                                                   min_shared):
+    trainer = GRPOTrainer(smoke(tmp_path, *perturbations))
+    engine, policy = trainer.engine, trainer.policy
+    mine, theirs = slots(engine.model), slots(policy)
+    shared = [k for k in mine if mine[k] is theirs[k]]  # one tensor, not a copy
+    total = sum(p.numel() for p in policy.parameters())
+    assert sum({id(mine[k]): mine[k].numel() for k in shared}.values()) > min_shared * total
+    written = engine.perturbations.writes()
+    assert written and not any(id(mine[k]) in written for k in shared)
+    assert all(mine[k].data_ptr() != theirs[k].data_ptr() for k in mine if k not in shared)
+    prompts = trainer.train_prompts[:2]
+    for step in (0, 1):  # AQN's sigma is 0 at step 0, > 0 at step 1
+        engine.sync_weights(policy)
+        clean = {k: p.detach().clone() for k, p in theirs.items()}
+        engine.perturbations.apply(step)
+        engine.generate(prompts, SamplingParams(8, n=2), seed=step)
+        assert all(torch.equal(theirs[k], clean[k]) for k in theirs)  # nothing leaked
+        perturbed = [k for k in mine if k not in shared and not torch.equal(mine[k], theirs[k])]
+        assert perturbed or step == 0  # ... though the engine's own copies are perturbed
+    engine.perturbations.restore()
+    engine.sync_weights(policy)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)  # clean again: the same values
+    with pytest.raises(ValueError, match="shares its weights"):
+        engine.sync_weights(copy.deepcopy(policy))
+
+
+def test_shared_and_copied_engines_train_the_same_run(tmp_path):
+    rows = {}
+    for share in ("true", "false"):
+        train(smoke(tmp_path, *EVERY_PERTURBATION,
+                    f"actor_rollout_ref.rollout.share_weights={share}", name=f"share-{share}"))
+        rows[share] = [{k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
+                       for r in read_metrics(tmp_path / f"share-{share}")]
+    assert rows["true"] == rows["false"]

@@ -166,6 +166,9 @@ class RolloutConfig:
     # "decode": the log-probs seen while sampling (KV-cache numerics, as vLLM returns them).
     log_prob_source: Literal["recompute", "decode"] = "recompute"
     micro_batch_size: int = 64  # sequences generated or scored at once
+    # The engine shares the trainer's tensors for every parameter no perturbation writes
+    # (one copy of the model in memory, sync copies only the perturbed ones); false: a full copy.
+    share_weights: bool = True
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
     # Simulated rollout hardware, on the engine copy only (applied before AQN noise, and kept
     # during validation: it is where the model runs). Fake weight quantization ("quantized

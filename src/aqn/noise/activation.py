@@ -43,6 +43,9 @@ class NormOutputNoise:
     def calls(self) -> int:
         return sum(self._calls.values())
 
+    def writes(self) -> list[Tensor]:
+        return []  # hooks on outputs, never weights
+
     def refresh(self) -> None:
         """New weights were loaded: nothing to do, the hooks read only the outputs."""
 

@@ -146,6 +146,10 @@ class NoiseInjector:
     def targets(self) -> list[NormTarget]:
         return describe_targets(self._targets)
 
+    def target_weights(self) -> list[torch.Tensor]:
+        """The norm weights it writes, in target order."""
+        return [m.weight for _, m in self._targets]
+
     def _read_weights(self) -> torch.Tensor:
         return torch.cat([m.weight.detach().reshape(-1) for _, m in self._targets]).float()
 

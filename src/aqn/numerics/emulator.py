@@ -93,6 +93,9 @@ class NumericsEmulator:
     def usage(self) -> dict[str, float]:
         return {}  # the patches were counted by apply
 
+    def writes(self) -> list[Tensor]:
+        return []  # it replaces forwards, never weights
+
     def restore(self) -> None:
         """Remove every patch; the model computes exactly as before ``apply``."""
         while self._undo:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from torch import nn
+from torch import Tensor, nn
 
 from aqn.config import AQNConfig
 from aqn.noise import NoiseInjector, NoiseReport
@@ -40,6 +40,10 @@ class Perturbation(Protocol):
 
     def restore(self) -> None: ...  # the model computes as if never perturbed
 
+    # The parameters it writes in place: the engine keeps its own copy of these and shares
+    # every other one with the trainer, so this list must be complete (tests/test_perturb.py).
+    def writes(self) -> list[Tensor]: ...
+
 
 class AQNNoise:
     """AQN (``aqn.noise.NoiseInjector``) as an engine perturbation."""
@@ -62,6 +66,9 @@ class AQNNoise:
 
     def restore(self) -> None:
         self.injector.restore()
+
+    def writes(self) -> list[Tensor]:
+        return self.injector.target_weights()
 
 
 @dataclass(frozen=True)

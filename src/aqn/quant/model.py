@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from aqn.errors import NoTargetsError
 from aqn.modules import path_matches
@@ -139,6 +139,10 @@ class WeightQuantizer:
 
     def usage(self) -> dict[str, float]:
         return {}  # the weights were written (and measured) by apply
+
+    def writes(self) -> list[Tensor]:
+        """The Linear weights it replaces by their quantized values."""
+        return [m.weight for _, m in self._targets]
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -66,19 +66,23 @@ def build_policy(cfg: AQNConfig, device: torch.device) -> Policy:
 
 
 def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine:
-    """The rollout engine on its own copy of the policy, with the registry's perturbations.
+    """The rollout engine on a copy of the policy, with the registry's perturbations; with
+    ``rollout.share_weights`` only what a perturbation writes stays a copy.
 
     Built from the frozen config before any rollout, so a perturbation that matches nothing
     fails now. Trainer-side numerics are installed on the policy after the copy was taken.
     """
     arr = cfg.actor_rollout_ref
-    engine_model = copy.deepcopy(policy.model)
+    if arr.rollout.share_weights:
+        engine_model = _sharing_copy(policy.model, own_linears=arr.rollout.quantization is not None)
+    else:
+        engine_model = copy.deepcopy(policy.model)
     perturbations = build_perturbations(engine_model, cfg)
     for p in perturbations:
         log.info("rollout perturbation %s", p.name)
     if arr.actor.numerics != "reference":
         policy.numerics = NumericsEmulator(policy.model, arr.actor.numerics, cfg.trainer.seed)
-    return HFEngine(
+    engine = HFEngine(
         engine_model,
         pad_token_id=policy.tokenizer.pad_token_id,
         stop_token_ids=stop_token_ids(policy.tokenizer, policy.model),
@@ -86,6 +90,30 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine:
         log_prob_source=arr.rollout.log_prob_source,
         micro_batch_size=arr.rollout.micro_batch_size,
     )
+    if arr.rollout.share_weights:
+        shared = engine.link_weights(policy.model)  # and checks no perturbation writes those
+        log.info("rollout engine shares %d parameter elements with the trainer", shared)
+    return engine
+
+
+def _sharing_copy(model: nn.Module, own_linears: bool) -> nn.Module:
+    """A copy of ``model`` whose parameters are ``model``'s own tensors, except those a
+    perturbation may write, which get their own: every parameter of fewer than 2 dims (the
+    norm gains AQN perturbs, biases: a tiny share) and, for a quantized rollout, the Linear
+    weights. Copying no more keeps one model in memory; ``HFEngine.link_weights`` checks
+    afterwards that every parameter a perturbation writes is an own one."""
+    memo = {id(p): p for p in model.parameters()}  # deepcopy keeps these as they are
+    engine_model = copy.deepcopy(model, memo)
+    own: dict[int, nn.Parameter] = {}  # by the shared tensor's id, so tied weights stay tied
+    for module in engine_model.modules(remove_duplicate=False):
+        for leaf, param in list(module._parameters.items()):
+            if param is not None and (param.dim() < 2
+                                      or (own_linears and isinstance(module, nn.Linear)
+                                          and leaf == "weight")):
+                if id(param) not in own:
+                    own[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                module._parameters[leaf] = own[id(param)]
+    return engine_model
 
 
 def build_optimizer(cfg: AQNConfig, model: nn.Module) -> torch.optim.AdamW:

@@ -100,6 +100,10 @@ class Perturbations:
             p.restore()
         self.active, self.step = [], None
 
+    def writes(self) -> set[int]:
+        """The ids of the parameters any of them writes in place."""
+        return {id(t) for p in self.all for t in p.writes()}
+
 
 class Engine(Protocol):
     micro_batch_size: int

@@ -60,6 +60,14 @@ def logprob_batch(model: nn.Module, batch: RolloutBatch, temperature: float,
     return TokenLogProbs(log_probs, entropy)
 
 
+def _parameter_slots(model: nn.Module):
+    """(path, module, attribute, parameter) of every parameter slot, a tied one in each."""
+    for path, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                yield f"{path}.{leaf}", module, leaf, param
+
+
 class HFEngine:
     """The ``Engine`` protocol (``aqn.rollout.base``) on a Hugging Face causal LM."""
 
@@ -81,11 +89,43 @@ class HFEngine:
         self.log_prob_source = log_prob_source
         self.micro_batch_size = micro_batch_size
         self._cache_kwarg = cache_kwarg(model)
+        # (own tensor, trainer's tensor) when the model shares the trainer's (link_weights)
+        self._owned_pairs: list[tuple[Tensor, Tensor]] | None = None
+        self._shared_with: nn.Module | None = None
+
+    def link_weights(self, source: nn.Module) -> int:
+        """Record that this engine's model shares ``source``'s tensors (``source``: the
+        trainer's model, of which this one is a copy with the same module tree).
+
+        Parameters that are its own tensors are the only ones ``sync_weights`` copies. One a
+        perturbation writes must be its own: writing the trainer's tensor would leak the
+        perturbation into training, so that is an error here. Returns the shared elements.
+        """
+        writes = self.perturbations.writes()
+        theirs = {slot: param for slot, _, _, param in _parameter_slots(source)}
+        pairs, shared = {}, {}
+        for slot, _, _, param in _parameter_slots(self.model):
+            if param is not theirs[slot]:
+                pairs[id(param)] = (param, theirs[slot])
+            elif id(param) in writes:
+                raise RuntimeError(f"a rollout perturbation writes {slot}, a tensor the engine "
+                                   "shares with the trainer: it would perturb training")
+            else:
+                shared[id(param)] = param.numel()
+        self._owned_pairs, self._shared_with = list(pairs.values()), source
+        return sum(shared.values())
 
     @torch.no_grad()
     def sync_weights(self, source: nn.Module) -> None:
         """Load the trainer's weights; perturbations take them as their new clean copy."""
-        self.model.load_state_dict(source.state_dict())
+        if self._owned_pairs is None:
+            self.model.load_state_dict(source.state_dict())
+        else:  # shared tensors are the trainer's already
+            if source is not self._shared_with:
+                raise ValueError("this engine shares its weights with another model; "
+                                 "sync_weights must be given that model")
+            for mine, theirs in self._owned_pairs:
+                mine.copy_(theirs)
         self.perturbations.refresh()
 
     @torch.no_grad()
