@@ -61,3 +61,31 @@ def test_machine_json_names_the_device_the_run_uses(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     info = machine_info("bfloat16", "cuda")
     assert info["device"] == "Some GPU" and info["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_lm_head_gives_the_full_logits_bits(tiny, lora, temperature):
+    """Without gradients the LM head runs LOGIT_CHUNK positions at a time; the log-probs and
+    entropy must be the bits of the one-pass [batch, length, vocab] logits."""
+    import aqn.rollout.forward as forward
+    from aqn.models.lora import apply_lora
+
+    model, _ = tiny
+    if lora:
+        model = apply_lora(model, 4, 8, ["q_proj", "v_proj", "lm_head"])
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (6, 60), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0  # left padding
+    mask[1, -5:] = 0  # right padding
+    length = 41  # not a multiple of LOGIT_CHUNK
+    assert length % forward.LOGIT_CHUNK
+    with torch.no_grad():
+        chunked = forward.response_logprobs(model, ids, mask, length, temperature, True)
+    with torch.enable_grad():  # the full-logits path
+        full = forward.response_logprobs(model, ids, mask, length, temperature, True)
+    for a, b in ((chunked.log_probs, full.log_probs), (chunked.entropy, full.entropy)):
+        assert a.shape == (6, length)
+        assert torch.equal(a.view(torch.int32), b.detach().view(torch.int32))
