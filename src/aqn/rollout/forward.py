@@ -7,6 +7,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aqn.token_math import entropy_from_logits, log_probs_from_logits
@@ -52,8 +53,15 @@ def response_logprobs(
     Without gradients (``torch.no_grad``) the LM head runs in chunks of positions.
     """
     labels = input_ids[:, -response_length:]
-    if not torch.is_grad_enabled() and _chunkable(model):
-        return _chunked(model, input_ids, attention_mask, labels, temperature, with_entropy)
+    if _chunkable(model):
+        if not torch.is_grad_enabled():
+            return _chunked(model, input_ids, attention_mask, labels, temperature, with_entropy)
+        head = model.get_output_embeddings()
+        if _plain_linear(head) and not (with_entropy and entropy_grad):
+            hidden = _decoder_output(model, input_ids, attention_mask, response_length)
+            log_probs, entropy = _ChunkedHeadLogProbs.apply(hidden, head.weight, labels,
+                                                            temperature, with_entropy)
+            return TokenLogProbs(log_probs, entropy)
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask), use_cache=False,
                 logits_to_keep=response_length + 1)
@@ -75,15 +83,86 @@ def _chunkable(model: nn.Module) -> bool:
             and not getattr(config, "final_logit_softcapping", None))
 
 
+def _plain_linear(head: nn.Module) -> bool:
+    """A bias-free nn.Linear computing exactly ``x W^T``: not LoRA-wrapped, its forward not
+    replaced (numerics profiles patch it), no hooks. Only then may the fused head stand in."""
+    return (type(head) is nn.Linear and head.bias is None and "forward" not in vars(head)
+            and not head._forward_hooks and not head._forward_pre_hooks)
+
+
+def _decoder_output(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                    length: int) -> Tensor:
+    """The decoder's (normed) output at the positions that predict the last ``length``
+    tokens: position i predicts token i + 1."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids(attention_mask),
+                                 use_cache=False).last_hidden_state
+    return hidden[:, -(length + 1):-1]
+
+
+def _head_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """The LM head's logits / temperature in fp32, rounded as the full-logits path rounds."""
+    logits = F.linear(hidden, weight)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.float()
+
+
+class _ChunkedHeadLogProbs(torch.autograd.Function):
+    """``log_softmax(h W^T / t)`` at the labels, LOGIT_CHUNK positions at a time in the
+    forward and again in the backward, so autograd keeps no [batch, length, vocab] logits
+    (the fused-head idea of TRL / Liger). The entropy it can return is a detached metric.
+    The log-probs have the bits of the full-logits path; the gradient is the same sum in
+    another order (tests/test_sampling.py)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, with_entropy):
+        log_probs, lse, entropy = [], [], []
+        for start in range(0, labels.shape[1], LOGIT_CHUNK):
+            sl = slice(start, start + LOGIT_CHUNK)
+            logits = _head_logits(hidden[:, sl], weight, temperature)
+            lse.append(torch.logsumexp(logits, dim=-1))
+            picked = torch.gather(logits, -1, labels[:, sl].unsqueeze(-1)).squeeze(-1)
+            log_probs.append(picked - lse[-1])
+            if with_entropy:
+                entropy.append(entropy_from_logits(logits))
+        ctx.save_for_backward(hidden, weight, labels, torch.cat(lse, 1))
+        ctx.temperature = temperature
+        if not with_entropy:
+            return torch.cat(log_probs, 1), None
+        entropy = torch.cat(entropy, 1)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(log_probs, 1), entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, _grad_entropy):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, labels.shape[1], LOGIT_CHUNK):
+            sl = slice(start, start + LOGIT_CHUNK)
+            g = grad_log_probs[:, sl].float().unsqueeze(-1)
+            probs = torch.exp(_head_logits(hidden[:, sl], weight, ctx.temperature)
+                              - lse[:, sl].unsqueeze(-1))
+            # d log p_label / d logits = onehot(label) - softmax, then through the / t
+            grad_logits = (-probs * g).scatter_add_(-1, labels[:, sl].unsqueeze(-1), g)
+            grad_logits = (grad_logits / ctx.temperature).to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[:, sl] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.flatten(0, 1).T @ hidden[:, sl].flatten(0, 1)).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
 def _chunked(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
              temperature: float, with_entropy: bool) -> TokenLogProbs:
     """``response_logprobs`` without gradients, the LM head applied LOGIT_CHUNK positions
     at a time to the decoder's output (the same products, row by row, as the full head)."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids(attention_mask),
-                                 use_cache=False).last_hidden_state
     length = labels.shape[1]
-    hidden = hidden[:, -(length + 1):-1]  # position i predicts token i + 1
+    hidden = _decoder_output(model, input_ids, attention_mask, length)
     head = model.get_output_embeddings()
     log_probs, entropy = [], []
     for start in range(0, length, LOGIT_CHUNK):
