@@ -107,9 +107,8 @@ def test_fused_head_in_training_matches_the_full_logits(tiny, temperature):
     results = []
     for fused in (True, False):
         model.zero_grad()
-        # entropy with its gradient takes the full-logits path; without, the fused one
         out = response_logprobs(model, ids, mask, 37, temperature, with_entropy=True,
-                                entropy_grad=not fused)
+                                entropy_grad=False, fused_head=fused)
         assert (out.log_probs.grad_fn.name() == "_ChunkedHeadLogProbsBackward") == fused
         (out.log_probs * weights).sum().backward()
         results.append((out.log_probs.detach(), out.entropy.detach(),

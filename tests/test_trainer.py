@@ -411,3 +411,25 @@ def test_multi_epoch_or_mini_batch_configs_keep_the_separate_pass(tmp_path):
     for name, override in [("epochs", "actor_rollout_ref.actor.ppo_epochs=2"),
                            ("minis", "actor_rollout_ref.actor.ppo_mini_batch_size=2")]:
         assert not GRPOTrainer(smoke(tmp_path, override, name=name)).old_log_prob_from_update()
+
+
+def test_fused_lm_head_trains_the_same_step(tmp_path):
+    """actor.fused_lm_head: the same loss and metrics, the gradient up to summation order."""
+    results = {}
+    for fused in ("true", "false"):
+        trainer = GRPOTrainer(smoke(tmp_path, f"actor_rollout_ref.actor.fused_lm_head={fused}",
+                                    "trainer.val_before_train=false", name=f"fused-{fused}"))
+        trainer.reward_fn = lambda response, truth: float(len(response) % 2)
+        grads = []
+
+        def grab_then_step(trainer=trainer, grads=grads, step=trainer.optimizer.step):
+            grads.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]))
+            step()
+
+        trainer.optimizer.step = grab_then_step
+        results[fused] = deterministic(trainer.step(0)), grads[0]
+    (fused, g_fused), (plain, g_plain) = results["true"], results["false"]
+    assert g_plain.abs().max() > 1e-4
+    assert (g_fused - g_plain).norm() <= 1e-6 * g_plain.norm()
+    for key in ("actor/pg_loss", "actor/entropy", "rollout_corr/k3_kl", "critic/score/mean"):
+        assert fused[key] == plain[key], key

@@ -116,6 +116,10 @@ class ActorConfig:
     # forward's detached log-probs are the old ones (as TRL): one forward pass less per step.
     # separate: always a separate pass before the update (verl's compute_log_prob).
     old_log_prob: Literal["auto", "separate"] = "auto"
+    # The LM head in chunks of positions in the training forward too, the logits recomputed
+    # in the backward (no [batch, length, vocab] logits kept). Off: on CPU it measured 0.81x
+    # TRL's step time against 0.76x without, and the same peak at micro-batch 8.
+    fused_lm_head: bool = False
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2  # DAPO: 0.28
     clip_ratio_c: float = 3.0  # dual clip for negative advantages

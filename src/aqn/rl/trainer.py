@@ -263,7 +263,7 @@ class GRPOTrainer:
                         self.policy, batch.input_ids[sl], batch.attention_mask[sl],
                         batch.response_length, temperature,
                         with_entropy=actor.entropy_coeff != 0 or old is None,
-                        entropy_grad=actor.entropy_coeff != 0)
+                        entropy_grad=actor.entropy_coeff != 0, fused_head=actor.fused_lm_head)
                     if old is None:
                         olds.append(TokenLogProbs(out.log_probs.detach(), out.entropy.detach()))
                     old_lp = olds[-1].log_probs if old is None else old.log_probs[sl]

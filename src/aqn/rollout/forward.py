@@ -44,20 +44,24 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = True,
+    fused_head: bool = False,
 ) -> TokenLogProbs:
     """Log-probs (and entropy) of the last ``response_length`` tokens of ``input_ids``.
 
     ``input_ids`` is ``[B, P + T]``: left-padded prompts followed by right-padded responses.
     Logits are divided by ``temperature`` as the rollout sampled from them (verl does the same).
     ``entropy_grad=False`` computes the entropy outside autograd (for a metric): no graph.
-    Without gradients (``torch.no_grad``) the LM head runs in chunks of positions.
+    Without gradients (``torch.no_grad``) the LM head runs in chunks of positions; with
+    them, ``fused_head`` does the same in a custom autograd function that recomputes the
+    chunk's logits in the backward (off by default: measured slower on CPU, same peak at
+    micro-batch 8; ``actor_rollout_ref.actor.fused_lm_head``).
     """
     labels = input_ids[:, -response_length:]
     if _chunkable(model):
         if not torch.is_grad_enabled():
             return _chunked(model, input_ids, attention_mask, labels, temperature, with_entropy)
         head = model.get_output_embeddings()
-        if _plain_linear(head) and not (with_entropy and entropy_grad):
+        if fused_head and _plain_linear(head) and not (with_entropy and entropy_grad):
             hidden = _decoder_output(model, input_ids, attention_mask, response_length)
             log_probs, entropy = _ChunkedHeadLogProbs.apply(hidden, head.weight, labels,
                                                             temperature, with_entropy)
