@@ -21,6 +21,21 @@ def smoke(tmp_path, *overrides, name="run"):
                                  f"trainer.experiment_name={name}", *overrides])
 
 
+def record_gradients(trainer: GRPOTrainer) -> list[torch.Tensor]:
+    """Give the trainer a reward with advantages (the random model never answers right: the
+    length's parity) and return the list each optimizer step appends its flat gradient to."""
+    trainer.reward_fn = lambda response, truth: float(len(response) % 2)
+    grads: list[torch.Tensor] = []
+    step = trainer.optimizer.step
+
+    def record_then_step():
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]))
+        step()
+
+    trainer.optimizer.step = record_then_step
+    return grads
+
+
 def deterministic(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(("timing_s/", "perf/throughput"))}
 
@@ -281,15 +296,7 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path, mode):
                     "actor_rollout_ref.actor.grad_clip=1e9", "trainer.val_before_train=false",
                     name=f"{mode}-{micro}")
         trainer = GRPOTrainer(cfg)
-        # the random model never answers right: a length-parity reward gives advantages
-        trainer.reward_fn = lambda response, truth: float(len(response) % 2)
-        captured = []
-
-        def grab_then_step(trainer=trainer, captured=captured, step=trainer.optimizer.step):
-            captured.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]))
-            step()
-
-        trainer.optimizer.step = grab_then_step
+        captured = record_gradients(trainer)
         trainer.step(0)
         grads[micro] = captured[0]
     assert grads[16].abs().max() > 1e-3
@@ -381,14 +388,7 @@ def test_old_log_probs_from_the_training_forward_equal_the_separate_pass(tmp_pat
                     *extra, name=mode)
         trainer = GRPOTrainer(cfg)
         assert trainer.old_log_prob_from_update() == (mode == "auto")
-        trainer.reward_fn = lambda response, truth: float(len(response) % 2)  # gives advantages
-        grads = []
-
-        def grab_then_step(trainer=trainer, grads=grads, step=trainer.optimizer.step):
-            grads.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]))
-            step()
-
-        trainer.optimizer.step = grab_then_step
+        grads = record_gradients(trainer)
         metrics = {}
         for step in range(2):  # step 1 has AQN noise on (step 0 is the schedule's clean stage)
             metrics = trainer.step(step)
@@ -419,14 +419,7 @@ def test_fused_lm_head_trains_the_same_step(tmp_path):
     for fused in ("true", "false"):
         trainer = GRPOTrainer(smoke(tmp_path, f"actor_rollout_ref.actor.fused_lm_head={fused}",
                                     "trainer.val_before_train=false", name=f"fused-{fused}"))
-        trainer.reward_fn = lambda response, truth: float(len(response) % 2)
-        grads = []
-
-        def grab_then_step(trainer=trainer, grads=grads, step=trainer.optimizer.step):
-            grads.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters()]))
-            step()
-
-        trainer.optimizer.step = grab_then_step
+        grads = record_gradients(trainer)
         results[fused] = deterministic(trainer.step(0)), grads[0]
     (fused, g_fused), (plain, g_plain) = results["true"], results["false"]
     assert g_plain.abs().max() > 1e-4
