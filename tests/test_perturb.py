@@ -20,7 +20,7 @@ from aqn.quant import WeightQuantizer
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
 from aqn.rollout.base import Engine, Perturbations, SamplingParams
-from aqn.rollout.hf import HFEngine
+from aqn.rollout.hf import HFEngine, parameter_slots
 
 X = torch.arange(1, 21).unsqueeze(0)
 
@@ -196,8 +196,7 @@ EVERY_PERTURBATION = [*("trainer.noise_injection.enabled=true",
 
 
 def slots(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{path}.{leaf}": p for path, m in model.named_modules(remove_duplicate=False)
-            for leaf, p in m._parameters.items() if p is not None}
+    return {slot: param for slot, _, _, param in parameter_slots(model)}
 
 
 def test_writes_names_every_parameter_a_perturbation_changes(tmp_path):

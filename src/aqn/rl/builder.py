@@ -21,7 +21,7 @@ from aqn.models.lora import apply_lora, trainable_summary
 from aqn.numerics import NumericsEmulator
 from aqn.perturb import build_perturbations
 from aqn.quant import quantize_model
-from aqn.rollout.hf import HFEngine
+from aqn.rollout.hf import HFEngine, parameter_slots
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,11 @@ def _sharing_copy(model: nn.Module, own_linears: bool) -> nn.Module:
     memo = {id(p): p for p in model.parameters()}  # deepcopy keeps these as they are
     engine_model = copy.deepcopy(model, memo)
     own: dict[int, nn.Parameter] = {}  # by the shared tensor's id, so tied weights stay tied
-    for module in engine_model.modules(remove_duplicate=False):
-        for leaf, param in list(module._parameters.items()):
-            if param is not None and (param.dim() < 2
-                                      or (own_linears and isinstance(module, nn.Linear)
-                                          and leaf == "weight")):
-                if id(param) not in own:
-                    own[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
-                module._parameters[leaf] = own[id(param)]
+    for _, module, leaf, param in parameter_slots(engine_model):
+        if param.dim() < 2 or (own_linears and isinstance(module, nn.Linear) and leaf == "weight"):
+            if id(param) not in own:
+                own[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+            module._parameters[leaf] = own[id(param)]
     return engine_model
 
 

@@ -104,12 +104,28 @@ def _decoder_output(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     return hidden[:, -(length + 1):-1]
 
 
-def _head_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
-    """The LM head's logits / temperature in fp32, rounded as the full-logits path rounds."""
-    logits = F.linear(hidden, weight)
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """Logits / temperature in fp32, rounded as the full-logits path rounds them."""
     if temperature != 1.0:
         logits = logits / temperature
     return logits.float()
+
+
+def _chunk_by_chunk(logits_of, hidden: Tensor, labels: Tensor, with_entropy: bool
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Log-probs at ``labels``, their logsumexp and (optionally) the entropy, with the fp32
+    logits ``logits_of(hidden chunk)`` of LOGIT_CHUNK positions at a time."""
+    log_probs, lse, entropy = [], [], []
+    for start in range(0, labels.shape[1], LOGIT_CHUNK):
+        sl = slice(start, start + LOGIT_CHUNK)
+        logits = logits_of(hidden[:, sl])
+        lse.append(torch.logsumexp(logits, dim=-1))
+        picked = torch.gather(logits, -1, labels[:, sl].unsqueeze(-1)).squeeze(-1)
+        log_probs.append(picked - lse[-1])  # log_probs_from_logits, keeping the logsumexp
+        if with_entropy:
+            entropy.append(entropy_from_logits(logits))
+    return (torch.cat(log_probs, 1), torch.cat(lse, 1),
+            torch.cat(entropy, 1) if with_entropy else None)
 
 
 class _ChunkedHeadLogProbs(torch.autograd.Function):
@@ -121,22 +137,13 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, with_entropy):
-        log_probs, lse, entropy = [], [], []
-        for start in range(0, labels.shape[1], LOGIT_CHUNK):
-            sl = slice(start, start + LOGIT_CHUNK)
-            logits = _head_logits(hidden[:, sl], weight, temperature)
-            lse.append(torch.logsumexp(logits, dim=-1))
-            picked = torch.gather(logits, -1, labels[:, sl].unsqueeze(-1)).squeeze(-1)
-            log_probs.append(picked - lse[-1])
-            if with_entropy:
-                entropy.append(entropy_from_logits(logits))
-        ctx.save_for_backward(hidden, weight, labels, torch.cat(lse, 1))
+        log_probs, lse, entropy = _chunk_by_chunk(
+            lambda h: _scaled(F.linear(h, weight), temperature), hidden, labels, with_entropy)
+        ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.temperature = temperature
-        if not with_entropy:
-            return torch.cat(log_probs, 1), None
-        entropy = torch.cat(entropy, 1)
-        ctx.mark_non_differentiable(entropy)
-        return torch.cat(log_probs, 1), entropy
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return log_probs, entropy
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_entropy):
@@ -147,7 +154,7 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
         for start in range(0, labels.shape[1], LOGIT_CHUNK):
             sl = slice(start, start + LOGIT_CHUNK)
             g = grad_log_probs[:, sl].float().unsqueeze(-1)
-            probs = torch.exp(_head_logits(hidden[:, sl], weight, ctx.temperature)
+            probs = torch.exp(_scaled(F.linear(hidden[:, sl], weight), ctx.temperature)
                               - lse[:, sl].unsqueeze(-1))
             # d log p_label / d logits = onehot(label) - softmax, then through the / t
             grad_logits = (-probs * g).scatter_add_(-1, labels[:, sl].unsqueeze(-1), g)
@@ -165,15 +172,8 @@ def _chunked(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels
              temperature: float, with_entropy: bool) -> TokenLogProbs:
     """``response_logprobs`` without gradients, the LM head applied LOGIT_CHUNK positions
     at a time to the decoder's output (the same products, row by row, as the full head)."""
-    length = labels.shape[1]
-    hidden = _decoder_output(model, input_ids, attention_mask, length)
-    head = model.get_output_embeddings()
-    log_probs, entropy = [], []
-    for start in range(0, length, LOGIT_CHUNK):
-        logits = head(hidden[:, start:start + LOGIT_CHUNK])
-        if temperature != 1.0:
-            logits = logits / temperature
-        log_probs.append(log_probs_from_logits(logits, labels[:, start:start + LOGIT_CHUNK]))
-        if with_entropy:
-            entropy.append(entropy_from_logits(logits))
-    return TokenLogProbs(torch.cat(log_probs, 1), torch.cat(entropy, 1) if with_entropy else None)
+    hidden = _decoder_output(model, input_ids, attention_mask, labels.shape[1])
+    head = model.get_output_embeddings()  # called as a module: LoRA and patches apply
+    log_probs, _, entropy = _chunk_by_chunk(lambda h: _scaled(head(h), temperature), hidden,
+                                            labels, with_entropy)
+    return TokenLogProbs(log_probs, entropy)

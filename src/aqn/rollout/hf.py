@@ -60,10 +60,11 @@ def logprob_batch(model: nn.Module, batch: RolloutBatch, temperature: float,
     return TokenLogProbs(log_probs, entropy)
 
 
-def _parameter_slots(model: nn.Module):
-    """(path, module, attribute, parameter) of every parameter slot, a tied one in each."""
+def parameter_slots(model: nn.Module):
+    """(path, module, attribute, parameter) of every parameter slot, a tied parameter in each
+    of its slots; the caller may put another parameter in a slot while iterating."""
     for path, module in model.named_modules(remove_duplicate=False):
-        for leaf, param in module._parameters.items():
+        for leaf, param in list(module._parameters.items()):
             if param is not None:
                 yield f"{path}.{leaf}", module, leaf, param
 
@@ -89,9 +90,10 @@ class HFEngine:
         self.log_prob_source = log_prob_source
         self.micro_batch_size = micro_batch_size
         self._cache_kwarg = cache_kwarg(model)
-        # (own tensor, trainer's tensor) when the model shares the trainer's (link_weights)
-        self._owned_pairs: list[tuple[Tensor, Tensor]] | None = None
+        # the trainer's model whose tensors this one shares (link_weights), and the
+        # (own tensor, trainer's tensor) pairs a sync copies then
         self._shared_with: nn.Module | None = None
+        self._owned_pairs: list[tuple[Tensor, Tensor]] = []
 
     def link_weights(self, source: nn.Module) -> int:
         """Record that this engine's model shares ``source``'s tensors (``source``: the
@@ -102,9 +104,9 @@ class HFEngine:
         perturbation into training, so that is an error here. Returns the shared elements.
         """
         writes = self.perturbations.writes()
-        theirs = {slot: param for slot, _, _, param in _parameter_slots(source)}
+        theirs = {slot: param for slot, _, _, param in parameter_slots(source)}
         pairs, shared = {}, {}
-        for slot, _, _, param in _parameter_slots(self.model):
+        for slot, _, _, param in parameter_slots(self.model):
             if param is not theirs[slot]:
                 pairs[id(param)] = (param, theirs[slot])
             elif id(param) in writes:
@@ -118,7 +120,7 @@ class HFEngine:
     @torch.no_grad()
     def sync_weights(self, source: nn.Module) -> None:
         """Load the trainer's weights; perturbations take them as their new clean copy."""
-        if self._owned_pairs is None:
+        if self._shared_with is None:
             self.model.load_state_dict(source.state_dict())
         else:  # shared tensors are the trainer's already
             if source is not self._shared_with:
