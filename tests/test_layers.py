@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "aqn"
 # layer stay independent of each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "hashing", "modules", "machine", "token_math", "metric_keys", "configs",
-     "files"),
+     "files", "firing"),
     ("noise", "quant", "numerics"),  # perturbation kernels: pure PyTorch
     ("data", "rewards"),
     ("models",),  # the tiny base is pretrained on the arith data and scored by the reward

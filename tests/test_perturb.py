@@ -12,6 +12,7 @@ from torch import nn
 
 from aqn.config import ConfigError, load_config
 from aqn.errors import NoTargetsError
+from aqn.firing import NotFiredError
 from aqn.experiments.report import build_report
 from aqn.noise import NoiseInjectionConfig, NoiseInjector
 from aqn.noise.activation import NormOutputNoise
@@ -38,9 +39,14 @@ def smoke(tmp_path, *overrides, name="run"):
 # ------------------------------------------------------------------------------- registry
 
 def test_registry_declares_each_perturbation_once():
-    assert [s.name for s in REGISTRY] == ["quant", "numerics", "aqn", "activation_noise"]
-    assert {s.name: s.in_validation for s in REGISTRY} == {
-        "quant": True, "numerics": True, "aqn": False, "activation_noise": False}
+    assert [s.name for s in REGISTRY] == [
+        "quant", "act_quant", "numerics", "op_noise", "aqn", "activation_noise",
+        "actor_act_quant", "actor_numerics", "actor_op_noise"]
+    assert {s.name: s.in_validation for s in REGISTRY if s.side == "rollout"} == {
+        "quant": True, "act_quant": True, "numerics": True, "op_noise": True, "aqn": False,
+        "activation_noise": False}
+    assert {s.name for s in REGISTRY if s.side == "actor"} == {
+        "actor_act_quant", "actor_numerics", "actor_op_noise"}
     assert len({s.metric_prefix for s in REGISTRY}) == len(REGISTRY)
     assert all(s.metric_prefix.endswith("/") and s.report_section for s in REGISTRY)
 
@@ -90,10 +96,12 @@ def test_activation_noise_changes_outputs_not_weights_and_restores_exactly(tiny)
     assert metrics == {"act_noise/sigma": 0.05, "act_noise/num_modules": 9.0}
     noisy = logits(model)
     assert not torch.allclose(noisy, clean, atol=1e-3)
-    usage = noise.usage()
+    usage = noise.firing().metrics("activation_noise")
     # one forward pass calls each of the 9 norms (2 per layer x 4 layers + final) once
-    assert usage["act_noise/calls"] == 9 and usage["act_noise/modules_called"] == 9
-    assert usage["act_noise/frac_changed"] > 0.99
+    assert usage["perturb/activation_noise/calls"] == 9
+    assert usage["perturb/activation_noise/modules"] == 9
+    changed = usage["perturb/activation_noise/elements_changed"]
+    assert changed / usage["perturb/activation_noise/elements"] > 0.99
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k  # it never touches a weight
     noise.restore()
@@ -123,8 +131,8 @@ def test_activation_noise_that_never_fired_is_an_error(tiny):
     model, _ = tiny
     noise = NormOutputNoise(model, sigma=0.05, seed=1)
     noise.apply(step=0)
-    with pytest.raises(NoTargetsError, match="no hook fired"):
-        noise.usage()
+    with pytest.raises(NotFiredError, match="'activation_noise'.*none of its hooks"):
+        noise.firing().check("activation_noise", 0, "rollout")
 
 
 def test_activation_noise_with_no_norm_is_an_error():
@@ -149,7 +157,7 @@ def test_activation_noise_in_training_is_counted_off_in_validation_and_never_in_
     for r in steps:
         assert r["act_noise/sigma"] == 0.05
         # generation (one call per norm per token) and the recompute pass both went through
-        assert r["act_noise/calls"] > 9 * 16
+        assert r["perturb/activation_noise/calls"] > 9 * 16
         assert r["rollout_corr/abs_logp_diff_mean"] > 0  # the rollout saw the noise
     assert not any(k.startswith("val-aux/act_noise") for r in rows for k in r)
     # the hooks lived on the engine's copy only (the counts above come from there)
@@ -160,7 +168,7 @@ def test_the_report_shows_a_registered_perturbation_without_knowing_it(tmp_path)
     train(smoke(tmp_path, "actor_rollout_ref.rollout.activation_noise=0.05", name="act"))
     md = build_report([tmp_path / "act"], tmp_path / "report").markdown
     section = md.split("Activation noise on the norm outputs", 1)[1].split("\n#", 1)[0]
-    assert "act_noise/calls" in section and "act_noise/sigma" in section
+    assert "perturb/activation_noise/calls" in section and "act_noise/sigma" in section
     assert "| act | " in section and "0.05" in section
 
 

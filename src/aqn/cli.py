@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aqn.errors import ConfigError, ModelUnavailableError, NoTargetsError, TrainingError
+from aqn.firing import NotFiredError
 
 
 @functools.cache
@@ -67,7 +68,7 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
-    schedule = _noise_config(args).schedule()
+    schedule = _noise_config(args).sigma_schedule()
     rows = schedule.table()
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
@@ -364,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     # one line naming the key or file at fault; OSError covers a full disk, permissions and
     # aqn.files.FileError (torn or garbage files, named)
-    except (ConfigError, NoTargetsError, TrainingError, ModelUnavailableError, ValueError,
-            OSError) as e:
+    except (ConfigError, NoTargetsError, NotFiredError, TrainingError, ModelUnavailableError,
+            ValueError, OSError) as e:
         print(f"aqn {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -51,3 +51,12 @@ AQN_STAGE = "aqn/stage"
 AQN_EFFECTIVE_STD = "aqn/effective_std"
 AQN_FRAC_CHANGED = "aqn/frac_changed"
 AQN_SWALLOWED = "aqn/swallowed"  # 1.0 when the cast to the weight dtype ate the noise
+
+
+def aqn_layer(layer: int | None, what: str) -> str:
+    """Per-layer AQN metric (with layer_multipliers): ``aqn/layer_3/sigma``; ``aqn/final/...``
+    for the norms outside the numbered layers."""
+    return f"aqn/{'final' if layer is None else f'layer_{layer}'}/{what}"
+
+
+AQN_LAYER = re.compile(r"aqn/(?:layer_(?P<layer>\d+)|final)/(?P<what>sigma|effective_std)")

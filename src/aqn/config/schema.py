@@ -10,16 +10,20 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from aqn.data import train_size
 from aqn.errors import ConfigError
 from aqn.noise.config import NoiseInjectionConfig
 from aqn.numerics import PROFILES
+from aqn.numerics.op_noise import OpNoiseConfig
 from aqn.quant import FORMATS
 
 
-def _check_hardware(quantization: str | None, numerics: str) -> None:
-    if quantization is not None and quantization not in FORMATS:
-        raise ConfigError(f"unknown format {quantization!r}; known: {', '.join(FORMATS)}",
-                          "quantization")
+def _check_hardware(quantization: str | None, numerics: str,
+                    activation_quantization: str | None = None) -> None:
+    for name, fmt in (("quantization", quantization),
+                      ("activation_quantization", activation_quantization)):
+        if fmt is not None and fmt not in FORMATS:
+            raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}", name)
     if numerics not in PROFILES:
         raise ConfigError(f"unknown profile {numerics!r}; known: {', '.join(PROFILES)}",
                           "numerics")
@@ -137,9 +141,14 @@ class ActorConfig:
     quantization: str | None = None  # an aqn.quant format: nvfp4, mxfp4, int4, int8, fp8_e4m3
     # Numerics profile of the trainer copy ("pre-trained elsewhere" scenarios); reference: none.
     numerics: str = "reference"
+    # W4A4 training: the inputs of the Linear modules fake-quantized to this format in every
+    # training forward, gradients straight-through (aqn.quant.activation); null: off.
+    activation_quantization: str | None = None
+    # Matmul-output noise in the trainer's forward (and backward with op_noise.backward).
+    op_noise: OpNoiseConfig = field(default_factory=OpNoiseConfig)
 
     def __post_init__(self) -> None:
-        _check_hardware(self.quantization, self.numerics)
+        _check_hardware(self.quantization, self.numerics, self.activation_quantization)
         if self.ppo_mini_batch_size is not None and self.ppo_mini_batch_size <= 0:
             raise ConfigError(f"must be > 0 (or null: the whole batch), got "
                               f"{self.ppo_mini_batch_size}", "ppo_mini_batch_size")
@@ -183,9 +192,15 @@ class RolloutConfig:
     # Relative Gaussian noise on the RMSNorm outputs of the engine, fresh per call:
     # y <- y + sigma |y| eps (aqn.noise.activation). 0: off. Off in validation, as AQN.
     activation_noise: float = 0.0
+    # W4A4 rollout: the inputs of the engine's Linear modules fake-quantized to this format
+    # (with quantization= the same format, weights too); kept in validation. null: off.
+    activation_quantization: str | None = None
+    # Simulated hardware error: relative Gaussian noise on the engine's matmul outputs,
+    # y <- y + scale |y| eps, fresh per call (aqn.numerics.op_noise); kept in validation.
+    op_noise: OpNoiseConfig = field(default_factory=OpNoiseConfig)
 
     def __post_init__(self) -> None:
-        _check_hardware(self.quantization, self.numerics)
+        _check_hardware(self.quantization, self.numerics, self.activation_quantization)
         if not (math.isfinite(self.activation_noise) and self.activation_noise >= 0):
             raise ConfigError(f"must be a finite number >= 0 (0: off), got "
                               f"{self.activation_noise}", "activation_noise")
@@ -269,23 +284,41 @@ class AQNConfig:
 
 def resolve(cfg: AQNConfig) -> AQNConfig:
     """Fill cross-section defaults and check what needs several sections at once."""
-    t = cfg.trainer
-    noise = t.noise_injection.resolved(total_steps=t.total_training_steps, seed=t.seed)
+    t, data = cfg.trainer, cfg.data
+    steps_per_epoch = None
+    if t.noise_injection.schedule == "epoch" and t.noise_injection.steps_per_epoch is None:
+        # verl's len(train_dataloader) (drop_last): the steps of one pass over the prompts
+        steps_per_epoch = max(1, train_size(data.source, data.path, data.max_train_samples)
+                              // data.train_batch_size)
+    try:
+        noise = t.noise_injection.resolved(total_steps=t.total_training_steps, seed=t.seed,
+                                           steps_per_epoch=steps_per_epoch)
+    except ConfigError as e:
+        raise e if e.key and e.key.startswith("trainer.") else e.under(
+            "trainer.noise_injection") from None
     if noise.enabled:
         try:
-            schedule = noise.schedule()  # fail now, not at step 0 of a long run
+            schedule = noise.sigma_schedule()  # fail now, not at step 0 of a long run
         except ConfigError as e:
             raise e.under("trainer.noise_injection") from None
         # The seed's failure class: noise "enabled" that is zero at every step of this run.
         if all(schedule.sigma(k) == 0 for k in range(t.total_training_steps)):
+            span = ("total_steps", "trainer.noise_injection.total_steps to the run's length "
+                    "(or leave it unset)")
+            if noise.schedule == "epoch":
+                span = ("steps_per_epoch (one epoch)", "schedule=global, or more steps per "
+                        "epoch (a larger train set or a smaller data.train_batch_size)")
             raise ConfigError(
                 f"AQN is enabled but its sigma is 0 at every one of the run's "
-                f"{t.total_training_steps} steps: the schedule spans total_steps="
+                f"{t.total_training_steps} steps: the schedule spans {span[0]}="
                 f"{schedule.total_steps} in {schedule.num_stages} stages, and stage 1 (the "
-                f"first with noise) starts at step {schedule.first_step(1)}. Set "
-                "trainer.noise_injection.total_steps to the run's length (or leave it unset)",
-                "trainer.noise_injection.total_steps")
-    data = cfg.data
+                f"first with noise) starts at step {schedule.first_step(1)}. Set {span[1]}",
+                "trainer.noise_injection." + span[0].split(" ")[0])
+        if noise.layer_multipliers is not None and noise.default_multiplier == 0 \
+                and not any(noise.layer_multipliers):
+            raise ConfigError("every layer multiplier and default_multiplier are 0: AQN "
+                              "would add no noise anywhere",
+                              "trainer.noise_injection.layer_multipliers")
     actor = cfg.actor_rollout_ref.actor
     mini = actor.ppo_mini_batch_size or data.train_batch_size
     if data.train_batch_size % mini:

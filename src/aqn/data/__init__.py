@@ -30,6 +30,15 @@ def load_task(source: str, max_train_samples: int | None, max_val_samples: int |
     return train, val
 
 
+def train_size(source: str, path: str | None, max_train_samples: int | None) -> int:
+    """How many train prompts ``load_task`` gives (an epoch's prompts)."""
+    if source == "arith":
+        if max_train_samples is None:
+            raise DataError("the arith task needs data.max_train_samples")
+        return max_train_samples
+    return len(_load_source(source, max_train_samples, 1, 0, (), path, "words")[0])
+
+
 def _load_source(source, max_train_samples, max_val_samples, seed, difficulty, path, wording):
     if source == "arith":
         if max_train_samples is None or max_val_samples is None:

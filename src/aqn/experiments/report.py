@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from aqn import metric_keys as keys
 from aqn.experiments.analysis import (
     HeadlineRow,
     LearningResult,
@@ -318,8 +319,36 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
             [[str(k), str(min(st["step"])), fmt_num(avg(st["sigma"])), fmt_num(avg(st["eff"])),
               fmt_num(avg(st["frac"]))] for k, st in sorted(stages.items())],
         ))
+        blocks += _aqn_layer_table(runs)
     blocks.append(Image("sigma.png", "aqn/sigma per step (thin: seeds, thick: seed mean)"))
     return blocks
+
+
+def _aqn_layer_table(runs: dict[int, RunData]) -> list[Block]:
+    """Per layer (runs with layer_multipliers): the sigma the engine applied and the std it
+    measured after the cast, mean over the steps with noise and then seeds."""
+    layers: dict[str, dict[str, list[float]]] = {}
+    for r in runs.values():
+        per_run: dict[str, dict[str, list[float]]] = {}
+        for row in r.training_rows():
+            if not row.get(keys.AQN_SIGMA):
+                continue
+            for k, v in row.items():
+                m = keys.AQN_LAYER.fullmatch(k)
+                if m and v is not None:
+                    name = m["layer"] if m["layer"] is not None else "final"
+                    per_run.setdefault(name, {}).setdefault(m["what"], []).append(v)
+        for name, values in per_run.items():
+            for what, vs in values.items():
+                layers.setdefault(name, {}).setdefault(what, []).append(avg(vs))
+    if not layers:
+        return []
+    order = sorted(layers, key=lambda n: (n == "final", int(n) if n.isdigit() else 0))
+    return [Text("Per layer (layer_multipliers): sigma applied by the engine and the measured "
+                 "std of the noise, mean over the steps with noise, then seeds."),
+            Table(["layer", "sigma applied", "mean effective std"],
+                  [[n, fmt_num(avg(layers[n].get("sigma", []))),
+                    fmt_num(avg(layers[n].get("effective_std", [])))] for n in order])]
 
 
 def _perturbation_sections(groups: dict[str, dict[int, RunData]]) -> list[Block]:
@@ -327,19 +356,21 @@ def _perturbation_sections(groups: dict[str, dict[int, RunData]]) -> list[Block]
     its metrics, mean over training steps and then seeds, per variant."""
     blocks: list[Block] = []
     for spec in REGISTRY:
-        if spec.name == "aqn":
-            continue
+        # AQN's own metrics are section 4; its proof of firing comes here like the others'
+        prefixes = ((f"perturb/{spec.name}/",) if spec.name == "aqn"
+                    else (spec.metric_prefix, f"perturb/{spec.name}/"))
         found = sorted({k for runs in groups.values() for r in runs.values()
-                        for row in r.training_rows() for k in row
-                        if k.startswith(spec.metric_prefix)})
+                        for row in r.training_rows() for k in row if k.startswith(prefixes)})
         if not found:
             continue
         rows = [[v] + [fmt_num(_steps_then_seeds(runs, k)) for k in found]
                 for v, runs in groups.items()]
         blocks += [Heading(f"4{chr(ord('a') + len(blocks) // 3)}. {spec.report_section}"),
-                   Text(f"The {spec.metric_prefix}* metrics the engine logged ({spec.kind}, "
-                        f"{spec.config_key}; {'kept' if spec.in_validation else 'off'} in "
-                        "validation): mean over training steps, then seeds."),
+                   Text(f"The {spec.metric_prefix}* metrics the {spec.side} logged, and "
+                        f"perturb/{spec.name}/*, what it touched in each step: modules, hook "
+                        f"calls, elements, elements changed ({spec.kind}, {spec.config_key}; "
+                        f"{'kept' if spec.in_validation else 'off'} in validation): mean over "
+                        "training steps, then seeds."),
                    Table(["variant"] + found, rows)]
     return blocks
 

@@ -6,7 +6,7 @@ for each call, seeded by (seed, step, module path, call number), so a run repeat
 It is relative noise on an activation, the shape of error that low-precision hardware adds,
 and the norm output feeds every attention and MLP block. Forward hooks carry it, so it counts
 the calls it saw: a step where it was applied and no hook fired is an error (hooks do not
-fire in compiled or CUDA-graph models).
+fire in compiled or CUDA-graph models; ``aqn.firing``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from aqn.errors import NoTargetsError
+from aqn.firing import Firing
 from aqn.hashing import derive_seed
 from aqn.noise.selection import select_norms
 
@@ -36,12 +37,7 @@ class NormOutputNoise:
         self.step: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, int] = defaultdict(int)
-        self.elements = 0
-        self._changed = torch.zeros((), dtype=torch.long)  # a tensor: no sync per hook call
-
-    @property
-    def calls(self) -> int:
-        return sum(self._calls.values())
+        self.last = Firing.empty(by_calls=True)
 
     def writes(self) -> list[Tensor]:
         return []  # hooks on outputs, never weights
@@ -53,23 +49,14 @@ class NormOutputNoise:
         """Hook every target (once) and start counting the calls of ``step``."""
         self.step = step
         self._calls.clear()
-        self.elements = 0
-        self._changed = torch.zeros((), dtype=torch.long)
+        self.last = Firing.empty(by_calls=True)
         if not self._handles:
             self._handles = [module.register_forward_hook(self._hook(path))
                              for path, module in self.targets]
         return {"act_noise/sigma": self.sigma, "act_noise/num_modules": float(len(self.targets))}
 
-    def usage(self) -> dict[str, float]:
-        """What the hooks touched since ``apply``; an error when they never fired."""
-        if self._handles and self.calls == 0:
-            raise NoTargetsError(
-                f"activation noise was applied at step {self.step} on {len(self.targets)} "
-                "norms, but no hook fired: the model ran without calling them (compiled or "
-                "CUDA-graph models skip Python hooks), so the noise did nothing")
-        return {"act_noise/calls": float(self.calls),
-                "act_noise/modules_called": float(len(self._calls)),
-                "act_noise/frac_changed": int(self._changed) / max(1, self.elements)}
+    def firing(self) -> Firing:
+        return self.last
 
     def restore(self) -> None:
         """Remove the hooks: the model computes exactly as before ``apply``."""
@@ -86,8 +73,7 @@ class NormOutputNoise:
             eps = torch.randn(output.shape, generator=gen, device=output.device)
             y = output.float()
             noisy = (y + self.sigma * y.abs() * eps).to(output.dtype)
-            self.elements += output.numel()
-            self._changed = self._changed.to(output.device) + (noisy != output).sum()
+            self.last.count_call(path, output.numel(), (noisy != output).sum())
             return noisy
 
         return add_noise

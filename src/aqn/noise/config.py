@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from aqn.errors import ConfigError
+from aqn.modules import layer_index
 from aqn.noise.schedule import EXPONENTS, PRESETS, SigmaSchedule
 
 
@@ -46,6 +52,20 @@ class NoiseInjectionConfig:
     fp32_targets: bool = False
     # Noise seed; null takes trainer.seed.
     seed: int | None = None
+    # Per-layer sigma: the norms of decoder layer i get sigma x m[i] (0: no noise there). A
+    # list (m[0], m[1], ...) or the path of a JSON / YAML file holding such a list, a map
+    # {layer: m}, or either under the key layer_multipliers (what `aqn scan` writes); a file
+    # is read once, when the config is resolved, and the list is what the run records.
+    layer_multipliers: tuple[float, ...] | str | None = None
+    # The multiplier of layers the list does not reach and of norms outside the numbered
+    # layers (the final norm).
+    default_multiplier: float = 1.0
+    # global: one schedule over total_steps (QeRL); epoch: every epoch restarts it, its own
+    # warm-up and decay over steps_per_epoch steps.
+    schedule: Literal["global", "epoch"] = "global"
+    # Steps of one epoch for schedule=epoch; null: from the data, floor(train prompts /
+    # data.train_batch_size) as verl's len(train_dataloader).
+    steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -61,11 +81,40 @@ class NoiseInjectionConfig:
                 raise ConfigError(f"must be > 0, got {value}", name)
         if self.total_steps is not None and self.total_steps <= 0:
             raise ConfigError(f"must be > 0, got {self.total_steps}", "total_steps")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            raise ConfigError(f"must be > 0, got {self.steps_per_epoch}", "steps_per_epoch")
+        multipliers = (self.layer_multipliers
+                       if isinstance(self.layer_multipliers, tuple) else ())
+        for name, value in ([("default_multiplier", self.default_multiplier)]
+                            + [(f"layer_multipliers[{i}]", m) for i, m in enumerate(multipliers)]):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"must be a finite number >= 0 (0: no noise), got {value}",
+                                  name)
 
-    def resolved(self, total_steps: int | None = None, seed: int | None = None
-                 ) -> NoiseInjectionConfig:
-        """Fill preset values and the trainer's defaults; explicit values are kept."""
+    def multiplier(self, path: str) -> float:
+        """The sigma multiplier of the norm at ``path`` (resolved config: a list or null)."""
+        return self.layer_multiplier(layer_index(path))
+
+    def layer_multiplier(self, layer: int | None) -> float:
+        """The multiplier of decoder layer ``layer`` (None: outside the numbered layers)."""
+        m = self.layer_multipliers
+        if isinstance(m, str):
+            raise ConfigError("still a file name: resolve the config first",
+                              "layer_multipliers")
+        if layer is None or m is None or layer >= len(m):
+            return self.default_multiplier
+        return m[layer]
+
+    def resolved(self, total_steps: int | None = None, seed: int | None = None,
+                 steps_per_epoch: int | None = None) -> NoiseInjectionConfig:
+        """Fill preset values and the trainer's defaults, read a multipliers file; explicit
+        values are kept."""
         updates = {}
+        if isinstance(self.layer_multipliers, str):
+            updates["layer_multipliers"] = read_multipliers(self.layer_multipliers,
+                                                            self.default_multiplier)
+        if self.schedule == "epoch" and self.steps_per_epoch is None:
+            updates["steps_per_epoch"] = steps_per_epoch
         if self.preset is not None:
             p = PRESETS[self.preset]
             for name in ("sigma_start", "sigma_end", "num_stages"):
@@ -77,8 +126,10 @@ class NoiseInjectionConfig:
             updates["seed"] = seed
         return replace(self, **updates)
 
-    def schedule(self) -> SigmaSchedule:
-        missing = [n for n in ("sigma_start", "sigma_end", "num_stages", "total_steps")
+    def sigma_schedule(self) -> SigmaSchedule:
+        epoch = self.schedule == "epoch"
+        missing = [n for n in ("sigma_start", "sigma_end", "num_stages",
+                               "steps_per_epoch" if epoch else "total_steps")
                    if getattr(self, n) is None]
         if missing:
             raise ConfigError(
@@ -88,8 +139,38 @@ class NoiseInjectionConfig:
             )
         try:
             return SigmaSchedule(self.sigma_start, self.sigma_end, self.num_stages,
-                                 self.total_steps, self.exponent, self.boundaries)
+                                 self.steps_per_epoch if epoch else self.total_steps,
+                                 self.exponent, self.boundaries, repeat=epoch)
         except ValueError as e:
             # the schedule's messages start with the name of the field at fault
             name = str(e).split(" ", 1)[0]
             raise ConfigError(str(e), name if hasattr(self, name) else None) from None
+
+
+def read_multipliers(path: str, default: float) -> tuple[float, ...]:
+    """A multipliers file as the list of m[layer]; layers a map leaves out take ``default``."""
+    key = "trainer.noise_injection.layer_multipliers"
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read the multipliers file {path}: {e.strerror}", key) from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid JSON / YAML: {e}", key) from None
+    if isinstance(data, dict) and "layer_multipliers" in data:
+        data = data["layer_multipliers"]
+    try:
+        if isinstance(data, dict):
+            by_layer = {int(k): float(v) for k, v in data.items()}
+            if any(i < 0 for i in by_layer):
+                raise ValueError("a negative layer index")
+            values = [by_layer.get(i, default) for i in range(max(by_layer, default=-1) + 1)]
+        elif isinstance(data, list):
+            values = [float(v) for v in data]
+        else:
+            raise ValueError(f"a {type(data).__name__}")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: expected a list of multipliers or a map {{layer: "
+                          f"multiplier}}, found {e}", key) from None
+    return tuple(values)

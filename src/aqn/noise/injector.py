@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from aqn import metric_keys as keys
+from aqn.errors import NoTargetsError
 from aqn.hashing import config_hash, derive_seed
+from aqn.modules import layer_index
 from aqn.noise.config import NoiseInjectionConfig
 from aqn.noise.selection import NormTarget, describe_targets, select_norms
 
@@ -35,6 +37,17 @@ class NoiseSwallowedWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class LayerNoise:
+    """What one decoder layer's norms (or the norms outside the layers: ``layer`` None) got."""
+
+    layer: int | None
+    sigma: float  # the step's sigma times this layer's multiplier
+    num_params: int
+    effective_std: float  # std of (written - clean) over its norm weights, after the cast
+    changed: int  # elements whose written value differs from clean
+
+
+@dataclass(frozen=True)
 class NoiseReport:
     step: int
     stage: int
@@ -45,6 +58,12 @@ class NoiseReport:
     effective_std: float  # std of (written weight - clean weight), after the cast
     frac_changed: float  # fraction of elements whose written value differs from clean
     dtype: str
+    layers: tuple[LayerNoise, ...] = ()  # per layer, in model order
+    per_layer_metrics: bool = False  # layer_multipliers are set: log them per layer
+
+    @property
+    def num_changed(self) -> int:
+        return sum(layer.changed for layer in self.layers)
 
     @property
     def swallowed(self) -> bool:
@@ -64,14 +83,18 @@ class NoiseReport:
             "aqn/drawn_std": self.drawn_std,
             # the one swallowed rule: the injector warns on it, the report reads this flag
             keys.AQN_SWALLOWED: float(self.swallowed),
-        }
+        } | ({m: v for layer in self.layers for m, v in (
+            (keys.aqn_layer(layer.layer, "sigma"), layer.sigma),
+            (keys.aqn_layer(layer.layer, "effective_std"), layer.effective_std))}
+             if self.per_layer_metrics else {})
 
 
 def noise_seed(seed: int, step: int, path: str) -> int:
     return derive_seed(seed, step, path)
 
 
-def grid_error(w: torch.Tensor, sigma: float, offset: torch.Tensor) -> torch.Tensor:
+def grid_error(w: torch.Tensor, sigma: float | torch.Tensor, offset: torch.Tensor
+               ) -> torch.Tensor:
     """The ``quant_error`` noise: the error of rounding ``w`` onto a shifted uniform grid.
 
     With spacing ``d = sqrt(12) * sigma`` and ``offset`` in [0, d) (per element, one value
@@ -79,9 +102,13 @@ def grid_error(w: torch.Tensor, sigma: float, offset: torch.Tensor) -> torch.Ten
     error, z is bounded (|z| <= d / 2 = sqrt(3) * sigma), uniform-like (zero mean and std
     sigma over a uniform offset, and over weights spread over many grid steps) and
     deterministic: equal weights get equal error. Computed in float64 so that the small
-    error of a weight near 1 is exact; returned as fp32.
+    error of a weight near 1 is exact; returned as fp32. ``sigma`` may be a float64 tensor
+    of one sigma per element (layer multipliers).
     """
-    d = torch.full((), math.sqrt(12.0) * sigma, dtype=torch.float64, device=w.device)
+    if isinstance(sigma, torch.Tensor):
+        d = math.sqrt(12.0) * sigma.to(torch.float64)
+    else:
+        d = torch.full((), math.sqrt(12.0) * sigma, dtype=torch.float64, device=w.device)
     u = (w.double() + offset.double()) / d  # a tensor divisor: CUDA would multiply by 1/d
     return (d * (torch.round(u) - u)).float()
 
@@ -111,7 +138,7 @@ class NoiseInjector:
         self.seed = seed if seed is not None else noise_config.seed
         if self.seed is None:
             raise ValueError("NoiseInjector needs a seed: pass seed= or set noise_config.seed")
-        self.schedule = noise_config.schedule()
+        self.schedule = noise_config.sigma_schedule()
         self._targets = select_norms(
             model,
             class_patterns=noise_config.class_patterns,
@@ -132,6 +159,12 @@ class NoiseInjector:
             self._slices.append(slice(offset, offset + n))
             offset += n
         self.num_params = offset
+        # sigma x multiplier: the per-layer sigma (1.0 everywhere unless layer_multipliers)
+        self.multipliers = [noise_config.multiplier(path) for path, _ in self._targets]
+        self.layers = sorted({layer_index(path) for path, _ in self._targets},
+                             key=lambda i: (i is None, i or 0))
+        if noise_config.layer_multipliers is not None:
+            self._check_multipliers(model)
         self._clean = self._read_weights()
         self._written: torch.Tensor | None = None  # what the last apply wrote, as fp32
         self.applied_step: int | None = None
@@ -141,6 +174,32 @@ class NoiseInjector:
         self.config_hash = config_hash(noise_config)
         log.info("AQN injector: %d modules, %d parameters (%s), seed %d, noise config %s",
                  len(self._targets), self.num_params, self.dtype, self.seed, self.config_hash)
+
+    def _check_multipliers(self, model: nn.Module) -> None:
+        """Multipliers that name layers the model lacks, or that zero every target, reach
+        nothing: an error, never a silent no-op."""
+        given = len(self.config.layer_multipliers)
+        numbered = [i for i in self.layers if i is not None]
+        if given > max(numbered, default=-1) + 1:
+            raise NoTargetsError(
+                f"trainer.noise_injection.layer_multipliers lists {given} layers, but the "
+                f"norms AQN targets in {type(model).__name__} sit in layers 0-"
+                f"{max(numbered, default=-1)}: multipliers past that reach no module")
+        if not any(self.multipliers):
+            raise NoTargetsError(
+                "trainer.noise_injection.layer_multipliers (with default_multiplier "
+                f"{self.config.default_multiplier:g}) is 0 for every one of the "
+                f"{len(self._targets)} targeted norms: the noise would do nothing")
+
+    def targets_by_layer(self) -> list[tuple[str, int | None]]:
+        """(path, decoder layer) of every target; layer None outside the numbered layers."""
+        return [(path, layer_index(path)) for path, _ in self._targets]
+
+    def target_sigmas(self, step: int) -> list[tuple[str, float]]:
+        """(path, sigma) of every target at ``step``: the schedule's sigma x multiplier."""
+        sigma = self.schedule.sigma(step)
+        return [(path, sigma * m) for (path, _), m in zip(self._targets, self.multipliers,
+                                                          strict=True)]
 
     @property
     def targets(self) -> list[NormTarget]:
@@ -159,21 +218,29 @@ class NoiseInjector:
             module.weight.copy_(values[sl].view_as(module.weight))
 
     def draw(self, step: int, sigma: float) -> torch.Tensor:
-        """The fp32 noise of one step, for all targets, in target order."""
-        z = torch.empty(self.num_params, dtype=torch.float32)
+        """The fp32 noise of one step, for all targets, in target order (a target's sigma is
+        ``sigma`` times its layer multiplier; multiplier 0: no noise there)."""
+        z = torch.zeros(self.num_params, dtype=torch.float32)
+        sigmas = torch.zeros(self.num_params, dtype=torch.float64)  # quant_error's, per element
         gen = torch.Generator(device="cpu")
-        for (path, _), sl in zip(self._targets, self._slices, strict=True):
+        for (path, _), sl, m in zip(self._targets, self._slices, self.multipliers, strict=True):
+            s = sigma * m
+            if s == 0:
+                continue
             gen.manual_seed(noise_seed(self.seed, step, path))
             if self.config.distribution == "gaussian":
-                z[sl].normal_(0.0, sigma, generator=gen)
+                z[sl].normal_(0.0, s, generator=gen)
             elif self.config.distribution == "uniform":  # on [-a, a]: std a / sqrt(3)
-                a = sigma * math.sqrt(3.0)
+                a = s * math.sqrt(3.0)
                 z[sl].uniform_(-a, a, generator=gen)
             else:  # quant_error: here the layer's grid offset, one draw in [0, spacing)
-                z[sl].fill_(torch.rand((), generator=gen).item() * math.sqrt(12.0) * sigma)
+                z[sl].fill_(torch.rand((), generator=gen).item() * math.sqrt(12.0) * s)
+                sigmas[sl] = s
         z = z.to(self._clean.device)
         if self.config.distribution == "quant_error":
-            z = grid_error(self._clean, sigma, offset=z)
+            sigmas = sigmas.to(z.device)
+            z = torch.where(sigmas > 0, grid_error(self._clean, sigmas.clamp_min(1e-300),
+                                                   offset=z), torch.zeros_like(z))
         if self.config.mode == "multiplicative":
             z = z * self._clean.abs()
         return z
@@ -189,6 +256,13 @@ class NoiseInjector:
         self._write(self._clean + z)
         self._written = self._read_weights()
         delta = self._written - self._clean
+        layers = []
+        for layer in self.layers:
+            idx = [i for i, (path, _) in enumerate(self._targets) if layer_index(path) == layer]
+            d = torch.cat([delta[self._slices[i]] for i in idx])
+            # one multiplier per layer (outside the layers: default_multiplier)
+            layers.append(LayerNoise(layer, sigma * self.multipliers[idx[0]], d.numel(),
+                                     d.std(correction=0).item(), int((d != 0).sum())))
         report = NoiseReport(
             step=step,
             stage=stage,
@@ -199,6 +273,8 @@ class NoiseInjector:
             effective_std=delta.std(correction=0).item(),
             frac_changed=(delta != 0).float().mean().item(),
             dtype=self.dtype,
+            layers=tuple(layers),
+            per_layer_metrics=self.config.layer_multipliers is not None,
         )
         self.applied_step = step
         if report.swallowed and self._warned_stage != stage:

@@ -4,6 +4,9 @@ Over ``total_steps`` optimizer steps and ``K = num_stages`` stages of equal leng
 ``total_steps / K``: stage 0 is a warm-up without noise; stage ``k >= 1`` uses a
 geometric interpolation from ``sigma_start`` to ``sigma_end``.
 
+``repeat=True`` is the epoch-aware schedule: ``total_steps`` is one epoch's steps and each
+epoch runs the whole schedule again, warm-up included.
+
 ``exponent="qerl-code"`` (default) uses ``(k - 1) / (K - 2)`` as QeRL's code does, so the
 last stage reaches ``sigma_end``; ``exponent="paper"`` uses ``(k - 1) / (K - 1)`` as the
 paper writes it, so the last stage stops one step short of ``sigma_end``.
@@ -67,6 +70,7 @@ class SigmaSchedule:
         total_steps: int,
         exponent: Exponent = "qerl-code",
         boundaries: Boundaries = "qerl-code",
+        repeat: bool = False,
     ) -> None:
         if boundaries not in BOUNDARIES:
             raise ValueError(f"boundaries must be one of {BOUNDARIES}, got {boundaries!r}")
@@ -102,10 +106,14 @@ class SigmaSchedule:
         self.total_steps = total_steps
         self.exponent = exponent
         self.boundaries = boundaries
+        # repeat: every total_steps steps (an epoch) the schedule starts again at stage 0
+        self.repeat = repeat
 
     def stage(self, step: int) -> int:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if self.repeat:
+            step %= self.total_steps
         if self.boundaries == "qerl-code":
             # QeRL's released code: a float floor division, step // (T / K). For some (K, T)
             # it puts a boundary one step before or after the exact one; runs that are to be

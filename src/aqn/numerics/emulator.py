@@ -31,11 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aqn.errors import ConfigError, NoTargetsError
+from aqn.firing import Firing
 from aqn.hashing import derive_seed
 from aqn.numerics.profiles import NumericsProfile, get_profile
 from aqn.numerics.rounding import round_bf16, split_k_linear
 
 _KEYS = itertools.count()
+
+
+def _numel(output) -> int:
+    if isinstance(output, tuple) and output:
+        output = output[0]
+    return output.numel() if isinstance(output, Tensor) else 0
 
 
 def _is_rmsnorm(module: nn.Module) -> bool:
@@ -68,6 +75,8 @@ class NumericsEmulator:
         self._undo: list[Callable[[], None]] = []
         self._generator: torch.Generator | None = None
         self.counts: dict[str, int] = {}
+        self.last = Firing.empty(by_calls=True)  # calls of its patches since apply
+        self._attention_paths: dict[int, str] = {}
         self.targets = self._find_targets()  # fails now, before any run, if nothing matches
 
     # ----------------------------------------------------------------- Perturbation API
@@ -82,6 +91,8 @@ class NumericsEmulator:
         """Install the patches (once) and reseed stochastic rounding from (seed, step)."""
         self.generator.manual_seed(derive_seed(self.seed, step, "numerics"))
         self.step = step
+        self.last = Firing.empty(by_calls=True, changed=None,
+                                 expected=not self.profile.is_reference)
         if not self.active and not self.profile.is_reference:
             try:
                 self._install()
@@ -90,8 +101,8 @@ class NumericsEmulator:
                 raise
         return self.metrics()
 
-    def usage(self) -> dict[str, float]:
-        return {}  # the patches were counted by apply
+    def firing(self) -> Firing:
+        return self.last  # calls of the patched forwards and hooks (what changed: not measured)
 
     def writes(self) -> list[Tensor]:
         return []  # it replaces forwards, never weights
@@ -177,10 +188,17 @@ class NumericsEmulator:
             self._install_attention([m for _, m in self.targets["attention"]])
             self.counts["attention"] = len(self.targets["attention"])
 
-    def _replace_forward(self, module: nn.Module, forward: Callable) -> None:
+    def _counted(self, name: str, fn: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            self.last.count_call(name, _numel(out))
+            return out
+        return counted
+
+    def _replace_forward(self, name: str, module: nn.Module, forward: Callable) -> None:
         had_own = "forward" in module.__dict__
         previous = module.__dict__.get("forward")
-        module.forward = forward
+        module.forward = self._counted(name, forward)
 
         def undo() -> None:
             if had_own:
@@ -206,7 +224,7 @@ class NumericsEmulator:
                 y = F.linear(x.float(), module.weight.float(), bias)
             return self._store(y, x.dtype) if y.dtype == torch.float32 else y
 
-        self._replace_forward(module, forward)
+        self._replace_forward(name, module, forward)
 
     def _patch_norm(self, name: str, module: nn.Module) -> None:
         eps = _norm_eps(module)
@@ -228,7 +246,7 @@ class NumericsEmulator:
             y = self._cast(w * self._cast(xn)) if before else self._cast(w * xn)
             return y.to(torch.promote_types(x.dtype, module.weight.dtype))
 
-        self._replace_forward(module, forward)
+        self._replace_forward(name, module, forward)
 
     @staticmethod
     @torch.no_grad()
@@ -261,13 +279,14 @@ class NumericsEmulator:
             return y.to(x.dtype)
 
         if isinstance(fn, nn.Module):
-            self._replace_forward(fn, forward)
+            self._replace_forward(f"{name}.act_fn", fn, forward)
         else:
-            owner.act_fn = forward
+            owner.act_fn = self._counted(f"{name}.act_fn", forward)
             self._undo.append(lambda: setattr(owner, "act_fn", fn))
 
     def _hook_output(self, name: str, module: nn.Module) -> None:
         def hook(mod: nn.Module, args, output):
+            self.last.count_call(name, _numel(output))
             if isinstance(output, Tensor) and output.dtype == torch.float32:
                 return self._store(output, output.dtype)
             if (isinstance(output, tuple) and output and isinstance(output[0], Tensor)
@@ -295,6 +314,7 @@ class NumericsEmulator:
             type(ALL_MASK_ATTENTION_FUNCTIONS)._global_mapping.pop(key, None)
 
         self._undo.append(unregister)
+        self._attention_paths = {id(m): n for n, m in self.targets["attention"]}
         configs = {id(m.config): m.config for m in modules}
         model_config = getattr(self.model, "config", None)
         if model_config is not None:
@@ -308,6 +328,7 @@ class NumericsEmulator:
                    attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
                    **kwargs) -> tuple[Tensor, Tensor]:
         """Eager attention in fp32 with the profile's softmax; [B, q, H, D] like HF's."""
+        self.last.count_call(self._attention_paths.get(id(module), "attention"), query.numel())
         out_dtype = query.dtype
         n_rep = query.shape[1] // key.shape[1]
         if n_rep > 1:

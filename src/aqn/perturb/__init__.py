@@ -12,17 +12,21 @@ its config field in ``config/schema.py``, one ``PerturbationSpec`` below, and te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from torch import Tensor, nn
 
 from aqn.config import AQNConfig
+from aqn.firing import Firing, NotFiredError
+from aqn.hashing import derive_seed
 from aqn.noise import NoiseInjector, NoiseReport
 from aqn.noise.activation import NormOutputNoise
 from aqn.numerics import NumericsEmulator
+from aqn.numerics.op_noise import OpNoise, OpNoiseConfig
 from aqn.quant import WeightQuantizer
+from aqn.quant.activation import ActivationQuantizer
 
 Kind = Literal["noise", "quantization", "numerics", "activation", "matmul-output"]
 
@@ -36,7 +40,7 @@ class Perturbation(Protocol):
 
     def apply(self, step: int) -> Mapping[str, float]: ...  # metrics of what it wrote
 
-    def usage(self) -> Mapping[str, float]: ...  # what it touched since apply (may raise)
+    def firing(self) -> Firing: ...  # what it touched since apply (aqn.firing)
 
     def restore(self) -> None: ...  # the model computes as if never perturbed
 
@@ -61,14 +65,24 @@ class AQNNoise:
         self.last_report = self.injector.apply(step)
         return self.last_report.metrics()
 
-    def usage(self) -> Mapping[str, float]:
-        return {}  # the weights were written (and measured) by apply
+    def firing(self) -> Firing:
+        """The norms it wrote in the last apply and how many elements survived the cast."""
+        report = self.last_report
+        if report is None:
+            return Firing.empty()
+        noisy = {layer.layer for layer in report.layers if layer.sigma > 0}
+        return Firing({path for path, m in self.injector.targets_by_layer() if m in noisy},
+                      elements=sum(la.num_params for la in report.layers if la.layer in noisy),
+                      changed=report.num_changed, expected=bool(noisy))
 
     def restore(self) -> None:
         self.injector.restore()
 
     def writes(self) -> list[Tensor]:
         return self.injector.target_weights()
+
+
+Side = Literal["rollout", "actor"]
 
 
 @dataclass(frozen=True)
@@ -81,10 +95,22 @@ class PerturbationSpec:
     report_section: str
     enabled: Callable[[AQNConfig], bool]
     build: Callable[[nn.Module, AQNConfig], Perturbation]
+    # rollout: on the engine's copy (applied after each sync); actor: on the trainer's copy,
+    # in every forward and backward it runs (its metrics logged under actor/).
+    side: Side = "rollout"
 
 
 def _rollout(cfg: AQNConfig):
     return cfg.actor_rollout_ref.rollout
+
+
+def _actor(cfg: AQNConfig):
+    return cfg.actor_rollout_ref.actor
+
+
+def _op_noise(model: nn.Module, config: OpNoiseConfig, cfg: AQNConfig, side: str) -> OpNoise:
+    # rollout and trainer draw apart: the same (step, module, call) must not repeat one eps
+    return OpNoise(model, config, derive_seed(cfg.trainer.seed, "op_noise", side))
 
 
 REGISTRY: tuple[PerturbationSpec, ...] = (
@@ -95,12 +121,26 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
         enabled=lambda cfg: _rollout(cfg).quantization is not None,
         build=lambda model, cfg: WeightQuantizer(model, _rollout(cfg).quantization)),
     PerturbationSpec(
+        name="act_quant", kind="quantization",
+        config_key="actor_rollout_ref.rollout.activation_quantization",
+        in_validation=True, metric_prefix="act_quant/",
+        report_section="Simulated activation quantization of the rollout (the A of W4A4)",
+        enabled=lambda cfg: _rollout(cfg).activation_quantization is not None,
+        build=lambda model, cfg: ActivationQuantizer(model,
+                                                     _rollout(cfg).activation_quantization)),
+    PerturbationSpec(
         name="numerics", kind="numerics", config_key="actor_rollout_ref.rollout.numerics",
         in_validation=True, metric_prefix="numerics/",
         report_section="Simulated rollout hardware numerics",
         enabled=lambda cfg: _rollout(cfg).numerics != "reference",
         build=lambda model, cfg: NumericsEmulator(model, _rollout(cfg).numerics,
                                                   cfg.trainer.seed)),
+    PerturbationSpec(
+        name="op_noise", kind="matmul-output", config_key="actor_rollout_ref.rollout.op_noise",
+        in_validation=True, metric_prefix="op_noise/",
+        report_section="Matmul-output noise of the rollout (simulated hardware error)",
+        enabled=lambda cfg: _rollout(cfg).op_noise.enabled,
+        build=lambda model, cfg: _op_noise(model, _rollout(cfg).op_noise, cfg, "rollout")),
     PerturbationSpec(
         name="aqn", kind="noise", config_key="trainer.noise_injection.enabled",
         in_validation=False, metric_prefix="aqn/",
@@ -116,6 +156,30 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
         enabled=lambda cfg: _rollout(cfg).activation_noise > 0,
         build=lambda model, cfg: NormOutputNoise(model, _rollout(cfg).activation_noise,
                                                  cfg.trainer.seed)),
+    # The trainer's copy ("pre-trained elsewhere", W4A4 training with a straight-through
+    # estimator, hardware error in the training forward and backward).
+    PerturbationSpec(
+        name="actor_act_quant", kind="quantization",
+        config_key="actor_rollout_ref.actor.activation_quantization",
+        in_validation=False, metric_prefix="actor/act_quant/",
+        report_section="Activation quantization of the trainer (straight-through)",
+        enabled=lambda cfg: _actor(cfg).activation_quantization is not None,
+        build=lambda model, cfg: ActivationQuantizer(model, _actor(cfg).activation_quantization),
+        side="actor"),
+    PerturbationSpec(
+        name="actor_numerics", kind="numerics", config_key="actor_rollout_ref.actor.numerics",
+        in_validation=False, metric_prefix="actor/numerics/",
+        report_section="Simulated trainer hardware numerics",
+        enabled=lambda cfg: _actor(cfg).numerics != "reference",
+        build=lambda model, cfg: NumericsEmulator(model, _actor(cfg).numerics, cfg.trainer.seed),
+        side="actor"),
+    PerturbationSpec(
+        name="actor_op_noise", kind="matmul-output", config_key="actor_rollout_ref.actor.op_noise",
+        in_validation=False, metric_prefix="actor/op_noise/",
+        report_section="Matmul-output noise of the trainer (forward, and backward if set)",
+        enabled=lambda cfg: _actor(cfg).op_noise.enabled,
+        build=lambda model, cfg: _op_noise(model, _actor(cfg).op_noise, cfg, "actor"),
+        side="actor"),
 )
 SPECS: dict[str, PerturbationSpec] = {s.name: s for s in REGISTRY}
 
@@ -130,6 +194,144 @@ def spec_of(perturbation: Perturbation) -> PerturbationSpec:
                          f"{', '.join(SPECS)})") from None
 
 
-def build_perturbations(model: nn.Module, cfg: AQNConfig) -> list[Perturbation]:
-    """The perturbations ``cfg`` turns on, built on ``model`` (the engine's copy), in order."""
-    return [spec.build(model, cfg) for spec in REGISTRY if spec.enabled(cfg)]
+def build_perturbations(model: nn.Module, cfg: AQNConfig, side: Side = "rollout"
+                        ) -> list[Perturbation]:
+    """The perturbations of ``side`` that ``cfg`` turns on, built on ``model``, in order."""
+    built = []
+    for spec in REGISTRY:
+        if spec.side == side and spec.enabled(cfg):
+            perturbation = spec.build(model, cfg)
+            perturbation.name = spec.name  # one kernel class may serve several entries
+            built.append(perturbation)
+    return built
+
+
+class Perturbations:
+    """Perturbations in registry order, and which of them are on now.
+
+    Every engine keeps its perturbations here (and the trainer its own, ``side: actor``), so
+    applying, skipping in validation, proving they fired and restoring mean the same thing
+    for all of them.
+    """
+
+    def __init__(self, perturbations: Sequence[Perturbation] = ()) -> None:
+        self.all = list(perturbations)
+        self.specs = [spec_of(p) for p in self.all]  # an unregistered one fails here
+        self.active: list[Perturbation] = []
+        self.step: int | None = None
+
+    def refresh(self) -> None:
+        """New clean weights were loaded; nothing is applied until the next ``apply``."""
+        for p in self.all:
+            p.refresh()
+        self.active, self.step = [], None
+
+    def apply(self, step: int, validation: bool = False) -> dict[str, float]:
+        """Apply them in order; ``validation`` leaves out those not declared ``in_validation``."""
+        metrics: dict[str, float] = {}
+        self.active = []
+        for p, spec in zip(self.all, self.specs, strict=True):
+            if validation and not spec.in_validation:
+                continue
+            metrics.update({f"actor/{k}" if spec.side == "actor" else k: v
+                            for k, v in p.apply(step).items()})
+            self.active.append(p)
+        self.step = step if self.active else None
+        return metrics
+
+    @property
+    def perturbed(self) -> bool:
+        """False when the model holds exactly the synced weights, unperturbed."""
+        return bool(self.active)
+
+    def check_firing(self, where: str) -> dict[str, float]:
+        """What each active perturbation touched since ``apply``, as ``perturb/<name>/*``
+        metrics; raises ``NotFiredError`` naming one that should have acted and did not."""
+        metrics: dict[str, float] = {}
+        for p in self.active:
+            firing = p.firing()
+            firing.check(p.name, self.step, where)
+            metrics.update(firing.metrics(p.name))
+        return metrics
+
+    def restore(self) -> None:
+        for p in reversed(self.all):
+            p.restore()
+        self.active, self.step = [], None
+
+    def writes(self) -> set[int]:
+        """The ids of the parameters any of them writes in place."""
+        return {id(t) for p in self.all for t in p.writes()}
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def check_aqn_plan(cfg: AQNConfig, perturbations: Perturbations, step: int) -> None:
+    """The engine's AQN applied, layer by layer, the sigma the trainer's resolved config plans.
+
+    The plan comes from ``cfg`` (what the trainer resolved and recorded), the applied sigma
+    from the engine's injector: a schedule or multipliers that did not reach the engine (the
+    verl fork's per-layer multipliers never forwarded to the rollout workers) stop the run.
+    """
+    noise = cfg.trainer.noise_injection
+    for p in perturbations.active:
+        if p.name != "aqn" or p.last_report is None:
+            continue
+        sigma = noise.sigma_schedule().sigma(step)
+        for layer in p.last_report.layers:
+            planned = sigma * noise.layer_multiplier(layer.layer)
+            if layer.sigma != planned:
+                where = "the final norm" if layer.layer is None else f"layer {layer.layer}"
+                raise NotFiredError(
+                    f"AQN on the rollout engine applied sigma {layer.sigma:g} to {where} at "
+                    f"step {step}, but the plan of trainer.noise_injection says {planned:g} "
+                    f"(schedule {sigma:g} x multiplier {noise.layer_multiplier(layer.layer):g}): "
+                    "the engine does not run the config the trainer resolved (a schedule or "
+                    "layer_multipliers that never reached it)")
+
+
+def _touches(p: Perturbation) -> list[str]:
+    """The module paths a built perturbation will touch."""
+    if isinstance(p, AQNNoise):
+        return [t.path for t in p.injector.targets]
+    if isinstance(p, OpNoise):
+        return [path if op == "linear" else f"{path}.pv" for op, path, _ in p.targets]
+    if isinstance(p, NumericsEmulator):
+        return [name for found in p.targets.values() for name, _ in found]
+    if isinstance(p, NormOutputNoise):
+        return [path for path, _ in p.targets]
+    return list(p.targets)  # the quantizers: paths already
+
+
+def describe_plan(cfg: AQNConfig, sides: Mapping[str, Perturbations]) -> str:
+    """The resolved per-step plan, printed before step 0: what each perturbation touches and,
+    for AQN, the sigma of every stage and layer."""
+    lines = ["perturbation plan:"]
+    for side, perturbations in sides.items():
+        for p, spec in zip(perturbations.all, perturbations.specs, strict=True):
+            paths = _touches(p)
+            lines.append(f"  {side} {p.name} ({spec.config_key}; in validation: "
+                         f"{'yes' if spec.in_validation else 'no'}): {len(paths)} modules, "
+                         f"e.g. {', '.join(paths[:3])}")
+            if isinstance(p, AQNNoise):
+                lines += _aqn_plan(cfg, p)
+    if len(lines) == 1:
+        lines.append("  none: the engine rolls out the trainer's weights, unperturbed")
+    return "\n".join(lines)
+
+
+def _aqn_plan(cfg: AQNConfig, p: AQNNoise) -> list[str]:
+    noise = cfg.trainer.noise_injection
+    schedule = noise.sigma_schedule()
+    span = (f"every epoch of {schedule.total_steps} steps" if schedule.repeat
+            else f"{schedule.total_steps} steps")
+    lines = [f"    sigma per stage ({noise.distribution}, {noise.mode}, {span}):"]
+    lines += [f"      stage {r.stage}: steps {r.first_step}-{r.last_step} sigma {r.sigma:.4g}"
+              for r in schedule.table()]
+    if noise.layer_multipliers is not None:
+        layers = sorted({layer for _, layer in p.injector.targets_by_layer()},
+                        key=lambda i: (i is None, i or 0))
+        lines.append("    sigma x multiplier per layer: " + ", ".join(
+            f"{'final' if i is None else i}: x{noise.layer_multiplier(i):g}" for i in layers))
+    return lines

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from aqn.errors import NoTargetsError
+from aqn.firing import Firing
 from aqn.modules import path_matches
 from aqn.quant.formats import check_format, fake_quantize
 from aqn.quant.report import LayerError, QuantReport
@@ -91,6 +92,7 @@ class WeightQuantizer:
         # not re-send (it still holds our quantized values) from one it did.
         self._written: list[tuple[weakref.ref, int] | None] = [None] * len(self._targets)
         self.last_report: QuantReport | None = None
+        self.last = Firing.empty()
         self.last_refreshed = 0
 
     @property
@@ -128,17 +130,21 @@ class WeightQuantizer:
     def apply(self, step: int) -> dict[str, float]:
         """Write the fake-quantized clean weights into the model; returns the report's metrics."""
         layers = []
+        self.last = Firing.empty()
         for i, ((path, module), clean) in enumerate(zip(self._targets, self._clean,
                                                         strict=True)):
             q = fake_quantize(clean, self.fmt)
             layers.append(LayerError.measure(path, clean, q))
+            self.last.modules.add(path)
+            self.last.elements += q.numel()
+            self.last.changed += int((q != clean).sum())
             module.weight.copy_(q)
             self._written[i] = (weakref.ref(module.weight), module.weight._version)
         self.last_report = QuantReport(self.fmt, tuple(layers))
         return self.last_report.metrics()
 
-    def usage(self) -> dict[str, float]:
-        return {}  # the weights were written (and measured) by apply
+    def firing(self) -> Firing:
+        return self.last  # the weights it wrote, and how many elements quantization moved
 
     def writes(self) -> list[Tensor]:
         """The Linear weights it replaces by their quantized values."""

@@ -2,14 +2,14 @@
 reference copy, the rollout engine with its perturbations, and the optimizer.
 
 The order is fixed because it consumes the seeded RNG (model init, then LoRA init) and
-because the engine's copy is taken before trainer-side numerics are installed.
+because the engine's copy is taken before the trainer-side perturbations are installed.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,8 +18,7 @@ from aqn.config import AQNConfig
 from aqn.errors import ConfigError
 from aqn.models import enable_activation_checkpointing, load_model, stop_token_ids
 from aqn.models.lora import apply_lora, trainable_summary
-from aqn.numerics import NumericsEmulator
-from aqn.perturb import build_perturbations
+from aqn.perturb import Perturbations, build_perturbations
 from aqn.quant import quantize_model
 from aqn.rollout.hf import HFEngine, parameter_slots
 
@@ -31,7 +30,9 @@ class Policy:
     model: nn.Module  # the trainer's copy: never perturbed by the engine's perturbations
     tokenizer: object
     ref: nn.Module | None  # frozen reference for the KL loss (actor.use_kl_loss)
-    numerics: NumericsEmulator | None  # trainer-side numerics profile (actor.numerics)
+    # trainer-side perturbations (registry entries with side "actor"), installed by
+    # build_engine once the engine's copy is taken
+    perturbations: Perturbations = field(default_factory=Perturbations)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,7 +63,7 @@ def build_policy(cfg: AQNConfig, device: torch.device) -> Policy:
     ref = None
     if arr.actor.use_kl_loss:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-    return Policy(model, tokenizer, ref, numerics=None)
+    return Policy(model, tokenizer, ref)
 
 
 def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine:
@@ -70,7 +71,7 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine:
     ``rollout.share_weights`` only what a perturbation writes stays a copy.
 
     Built from the frozen config before any rollout, so a perturbation that matches nothing
-    fails now. Trainer-side numerics are installed on the policy after the copy was taken.
+    fails now. The trainer-side perturbations are built on the policy after the copy was taken.
     """
     arr = cfg.actor_rollout_ref
     if arr.rollout.share_weights:
@@ -80,8 +81,9 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine:
     perturbations = build_perturbations(engine_model, cfg)
     for p in perturbations:
         log.info("rollout perturbation %s", p.name)
-    if arr.actor.numerics != "reference":
-        policy.numerics = NumericsEmulator(policy.model, arr.actor.numerics, cfg.trainer.seed)
+    policy.perturbations = Perturbations(build_perturbations(policy.model, cfg, side="actor"))
+    for p in policy.perturbations.all:
+        log.info("trainer perturbation %s", p.name)
     engine = HFEngine(
         engine_model,
         pad_token_id=policy.tokenizer.pad_token_id,

@@ -31,6 +31,7 @@ from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
 from aqn.errors import ConfigError, TrainingError
 from aqn.files import FileError, write_atomic
 from aqn.hashing import derive_seed
+from aqn.perturb import check_aqn_plan, describe_plan
 from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
 from aqn.rl.builder import build_engine, build_optimizer, build_policy, resolve_device
@@ -114,7 +115,12 @@ class GRPOTrainer:
                                             d.max_prompt_length)
         self.val_prompts = encode_prompts(self.tokenizer, self.val_records, d.max_prompt_length)
         self.engine = build_engine(cfg, policy)
-        self.actor_numerics = policy.numerics
+        self.actor_perturbations = policy.perturbations
+        plan = describe_plan(cfg, {"rollout": self.engine.perturbations,
+                                   "trainer": self.actor_perturbations})
+        if t.progress_bar and (self.engine.perturbations.all or self.actor_perturbations.all):
+            print(plan, file=sys.stderr)  # before step 0: what will be perturbed, how much
+        write_atomic(self.run_dir / "plan.txt", plan + "\n")
 
         self.data_source = self.val_records[0]["data_source"]  # verl's metric names use it
         self.prompt_style = d.prompt_style or DEFAULT_STYLE[d.source]
@@ -140,9 +146,8 @@ class GRPOTrainer:
                 self.engine.sync_weights(self.policy)
             with timer("perturb"):
                 metrics.update(self.engine.perturbations.apply(step))
-            if self.actor_numerics is not None:
-                metrics.update({f"actor/{k}": v
-                                for k, v in self.actor_numerics.apply(step).items()})
+                check_aqn_plan(cfg, self.engine.perturbations, step)
+                metrics.update(self.actor_perturbations.apply(step))
             ids = self.sampler.indices(step)
             params = SamplingParams(max_new_tokens=cfg.data.max_response_length, n=rollout.n,
                                     temperature=rollout.temperature, top_p=rollout.top_p,
@@ -152,12 +157,13 @@ class GRPOTrainer:
             # so it is skipped and old_log_prob reused (one full forward pass less per step).
             reuse_old = (rollout.log_prob_source == "recompute"
                          and not self.engine.perturbations.perturbed
-                         and self.actor_numerics is None)
+                         and not self.actor_perturbations.all)
             with timer("gen"):
                 batch = self.engine.generate([self.train_prompts[i] for i in ids], params,
                                              seed=derive_seed(cfg.trainer.seed, "rollout", step),
                                              recompute_logprobs=not reuse_old)
-            metrics.update(self.engine.perturbations.usage())  # proof that each one fired
+            # proof that each one fired (raises naming one that did nothing)
+            metrics.update(self.engine.perturbations.check_firing("rollout"))
             with timer("reward"):
                 texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
                 truths = [self.train_records[ids[g]]["ground_truth"] for g in batch.group_index]
@@ -181,6 +187,7 @@ class GRPOTrainer:
                 update_metrics, old = self.update(step, batch, old, ref_log_probs, advantages,
                                                   rollout_is_old=reuse_old)
             metrics.update(update_metrics)
+            metrics.update(self.actor_perturbations.check_firing("training"))
             if reuse_old:
                 batch.rollout_log_probs = old.log_probs
             metrics.update(rollout_mismatch_metrics(old.log_probs, batch.rollout_log_probs, mask))
@@ -334,6 +341,8 @@ class GRPOTrainer:
                                      seed=derive_seed(t.seed, "validation", step),
                                      progress="validation" if self.show_bar else None,
                                      recompute_logprobs=False)  # greedy text is all it needs
+        extra.update({f"{keys.VAL_AUX}{k}": v for k, v
+                      in self.engine.perturbations.check_firing("validation").items()})
         texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
         rows = []
         for text, g in zip(texts, batch.group_index, strict=True):

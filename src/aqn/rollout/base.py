@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from aqn.perturb import Perturbation, spec_of
+from aqn.perturb import Perturbations
 
 
 @dataclass(frozen=True)
@@ -50,59 +50,6 @@ class RolloutBatch:
     @property
     def response_length(self) -> int:
         return self.response_ids.shape[1]
-
-
-class Perturbations:
-    """The engine's perturbations in registry order, and which of them are on now.
-
-    Every engine keeps its perturbations here, so applying, skipping in validation, proving
-    they fired and restoring mean the same thing for all of them.
-    """
-
-    def __init__(self, perturbations: Sequence[Perturbation] = ()) -> None:
-        self.all = list(perturbations)
-        self.specs = [spec_of(p) for p in self.all]  # an unregistered one fails here
-        self.active: list[Perturbation] = []
-        self.step: int | None = None
-
-    def refresh(self) -> None:
-        """New clean weights were loaded; nothing is applied until the next ``apply``."""
-        for p in self.all:
-            p.refresh()
-        self.active, self.step = [], None
-
-    def apply(self, step: int, validation: bool = False) -> dict[str, float]:
-        """Apply them in order; ``validation`` leaves out those not declared ``in_validation``."""
-        metrics: dict[str, float] = {}
-        self.active = []
-        for p, spec in zip(self.all, self.specs, strict=True):
-            if validation and not spec.in_validation:
-                continue
-            metrics.update(p.apply(step))
-            self.active.append(p)
-        self.step = step if self.active else None
-        return metrics
-
-    @property
-    def perturbed(self) -> bool:
-        """False when the engine holds exactly the synced weights, unperturbed."""
-        return bool(self.active)
-
-    def usage(self) -> dict[str, float]:
-        """What the active perturbations touched since ``apply`` (raises if one did nothing)."""
-        metrics: dict[str, float] = {}
-        for p in self.active:
-            metrics.update(p.usage())
-        return metrics
-
-    def restore(self) -> None:
-        for p in reversed(self.all):
-            p.restore()
-        self.active, self.step = [], None
-
-    def writes(self) -> set[int]:
-        """The ids of the parameters any of them writes in place."""
-        return {id(t) for p in self.all for t in p.writes()}
 
 
 class Engine(Protocol):

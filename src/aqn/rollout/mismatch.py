@@ -90,7 +90,7 @@ def measure_mismatch(
         batch = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens,
                                                         temperature=temperature), seed=seed)
         gen_s = time.perf_counter() - t
-        metrics.update(engine.perturbations.usage())
+        metrics.update(engine.perturbations.check_firing("mismatch probe"))
     finally:
         engine.perturbations.restore()
     train = logprob_batch(model, batch, temperature, micro_batch_size).log_probs

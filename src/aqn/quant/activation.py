@@ -1,0 +1,71 @@
+"""Fake quantization of the inputs of Linear modules: the A of W4A4 (weights: ``model.py``).
+
+A forward pre-hook replaces each targeted Linear's input ``x`` by ``Q(x)``, the formats'
+``fake_quantize`` along the input dimension (MXFP4 / NVFP4 blocks of 32 / 16 per token, INT8
+per token, FP8 / NVFP4's per-tensor scale over the whole input), so its values are exactly
+those torchao gives for the same tensor. When gradients flow (trainer side) the estimator is
+straight-through: the forward sees ``Q(x)`` to the bit, the backward passes the gradient to
+``x`` unchanged. The hooks count their calls (``aqn.firing``), so hooks that never fire stop
+the run. LoRA adapters (peft's ``lora_A`` / ``lora_B``) keep full-precision inputs by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from aqn.firing import Firing
+from aqn.quant.formats import check_format, fake_quantize
+from aqn.quant.model import DEFAULT_EXCLUDE, select_linears
+
+
+def quantize_input(x: Tensor, fmt: str) -> Tensor:
+    """``Q(x)`` in the forward, the identity in the backward (straight-through)."""
+    q = fake_quantize(x.detach(), fmt)
+    return q + (x - x.detach()) if x.requires_grad else q
+
+
+class ActivationQuantizer:
+    """Input quantization of Linear modules as a perturbation (engine or trainer side)."""
+
+    name = "act_quant"
+
+    def __init__(self, model: nn.Module, fmt: str, include: Sequence[str] = (),
+                 exclude: Sequence[str] = DEFAULT_EXCLUDE) -> None:
+        self.fmt = check_format(fmt)
+        self._modules = dict(select_linears(model, include, exclude))
+        self.targets = list(self._modules)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.last = Firing.empty(by_calls=True)
+
+    def writes(self) -> list[Tensor]:
+        return []  # hooks on inputs, never weights
+
+    def refresh(self) -> None:
+        """New weights were loaded: nothing to do, the hooks read only the inputs."""
+
+    def apply(self, step: int) -> dict[str, float]:
+        """Hook every target (once) and start counting the calls of ``step``."""
+        self.last = Firing.empty(by_calls=True)
+        if not self._handles:
+            self._handles = [m.register_forward_pre_hook(self._hook(path))
+                             for path, m in self._modules.items()]
+        return {"act_quant/num_modules": float(len(self.targets))}
+
+    def firing(self) -> Firing:
+        return self.last
+
+    def restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, path: str):
+        def hook(module: nn.Module, args: tuple):
+            x = args[0]
+            q = quantize_input(x, self.fmt)
+            self.last.count_call(path, x.numel(), (q.detach() != x.detach()).sum())
+            return (q, *args[1:])
+        return hook
