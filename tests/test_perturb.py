@@ -12,8 +12,8 @@ from torch import nn
 
 from aqn.config import ConfigError, load_config
 from aqn.errors import NoTargetsError
-from aqn.firing import NotFiredError
 from aqn.experiments.report import build_report
+from aqn.firing import NotFiredError
 from aqn.noise import NoiseInjectionConfig, NoiseInjector
 from aqn.noise.activation import NormOutputNoise
 from aqn.perturb import REGISTRY, SPECS, AQNNoise, build_perturbations, spec_of

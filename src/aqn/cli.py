@@ -194,6 +194,41 @@ def cmd_numerics(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=1) if args.json else report)
 
 
+def cmd_scan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from aqn.experiments.scan import scan_model, table, write_scan
+    from aqn.models import load_model
+    from aqn.rollout.mismatch import probe_prompts, probe_wording
+
+    if (args.format is None) == (args.profile is None):
+        raise ConfigError("give one of --format or --profile")
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    prompts = probe_prompts(tokenizer, args.prompts, args.seed, probe_wording(args.model))
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    rows = scan_model(model, ids, mask, fmt=args.format, profile=args.profile,
+                      activations=args.activations)
+    what = args.profile or (f"{args.format} W4A4" if args.activations else f"{args.format} "
+                            "weights")
+    label = (f"{args.model} ({args.dtype}) under {what}: {len(prompts)} probe prompts, "
+             f"{int(mask.sum())} tokens")
+    name = (args.profile or args.format) + ("-w4a4" if args.activations else "")
+    out = Path(args.out or Path("runs") / "scan" / f"{Path(args.model).name}-{name}")
+    files = write_scan(out, rows, label, {"model": args.model, "dtype": args.dtype,
+                                          "format": args.format, "profile": args.profile,
+                                          "activations": args.activations,
+                                          "prompts": len(prompts), "seed": args.seed})
+    print(label)
+    print(table(rows))
+    print("wrote " + ", ".join(str(f) for f in files)
+          + f"\nuse: trainer.noise_injection.layer_multipliers={out / 'multipliers.json'}")
+
+
 def cmd_quant(args: argparse.Namespace) -> None:
     import copy
 
@@ -313,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mismatch", action="store_true",
                    help="also measure |dlogp| of a quantized engine vs the clean model")
     p.set_defaults(func=cmd_quant)
+    p = sub.add_parser("scan", help="per-layer sensitivity to a format or profile (SQNR, "
+                       "relative error, deadzone, saturation), a plot and a multipliers file")
+    _add_probe_args(p)
+    p.add_argument("--format", choices=_choices()["format"])
+    p.add_argument("--profile", choices=_choices()["profile"])
+    p.add_argument("--activations", action="store_true",
+                   help="W4A4: quantize the Linear inputs too (with --format)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output directory (default runs/scan/<model>-<format>)")
+    p.set_defaults(func=cmd_scan)
     p = sub.add_parser("pretrain-tiny",
                        help="make (or find in the cache) the tiny-base model for RL")
     p.add_argument("--force", action="store_true", help="train again even if cached")

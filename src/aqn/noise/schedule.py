@@ -112,8 +112,9 @@ class SigmaSchedule:
     def stage(self, step: int) -> int:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        if self.repeat:
-            step %= self.total_steps
+        return self._stage(step % self.total_steps if self.repeat else step)
+
+    def _stage(self, step: int) -> int:
         if self.boundaries == "qerl-code":
             # QeRL's released code: a float floor division, step // (T / K). For some (K, T)
             # it puts a boundary one step before or after the exact one; runs that are to be
@@ -139,7 +140,7 @@ class SigmaSchedule:
         exact = -(-stage * self.total_steps // self.num_stages)
         if self.boundaries == "exact" or stage == 0:
             return exact
-        return next(s for s in range(max(0, exact - 2), exact + 3) if self.stage(s) >= stage)
+        return next(s for s in range(max(0, exact - 2), exact + 3) if self._stage(s) >= stage)
 
     def table(self) -> list[StageRow]:
         """One row per stage; the last stage also covers every step past total_steps."""

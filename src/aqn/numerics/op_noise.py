@@ -141,8 +141,10 @@ class OpNoise:
         gen.manual_seed(derive_seed(self.seed, self.step, *seed_parts))
         eps = torch.randn(y.shape, generator=gen, device=y.device)
         yf = y.detach().float()
-        err = self.config.scale * (yf.abs() * eps if self.config.mode == "relative" else eps)
-        noisy = (yf + err).to(y.dtype)
+        if self.config.mode == "relative":
+            noisy = (yf + self.config.scale * yf.abs() * eps).to(y.dtype)
+        else:
+            noisy = (yf + self.config.scale * eps).to(y.dtype)
         if y.requires_grad:  # the noise is an error term: the gradient goes straight through
             noisy = noisy + (y - y.detach())
             if self.config.backward:
@@ -151,7 +153,7 @@ class OpNoise:
 
     def _grad_hook(self, *seed_parts: object):
         def add_noise(grad: Tensor) -> Tensor:
-            self.last.count_call(f"{seed_parts[0]}.grad", grad.numel())
+            self.last.count_call(seed_parts[0], grad.numel())  # same module, one more call
             return self._noisy(grad, *seed_parts, "grad")
         return add_noise
 

@@ -181,3 +181,29 @@ def fake_quantize(w: Tensor, fmt: str) -> Tensor:
     if x.ndim == 0:
         x = x.reshape(1)
     return quantize(x).reshape(w.shape).to(w.dtype)
+
+
+# The elements that share a scale: a block along the last dimension, a row, or the tensor.
+SCALE_GROUP: dict[str, int | str] = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK,
+                                     "int4": INT4_GROUP, "int8": "row", "fp8_e4m3": "tensor"}
+
+
+@torch.no_grad()
+def clip_stats(w: Tensor, fmt: str) -> tuple[float, float]:
+    """(deadzone, saturation) of ``w`` under ``fmt``: the fraction of its non-zero elements
+    rounded to zero, and the fraction of all elements above their scale group's largest
+    code (clipped to it: ``|w| > |Q(w)|`` where ``|Q(w)|`` is the group's maximum)."""
+    x = w.detach().float().reshape(-1, w.shape[-1]) if w.ndim else w.detach().float().reshape(1, 1)
+    q = fake_quantize(x, fmt)
+    nonzero = x != 0
+    deadzone = float((nonzero & (q == 0)).sum()) / max(1, int(nonzero.sum()))
+    group = SCALE_GROUP[check_format(fmt)]
+    if group == "tensor":
+        top = q.abs().amax().expand_as(q)
+    elif group == "row":
+        top = q.abs().amax(-1, keepdim=True).expand_as(q)
+    else:
+        qb = _blocks(q, group)
+        top = _unblocks(_amax(qb, -1).expand_as(qb), q.shape[-1])
+    saturated = (x.abs() > q.abs()) & (q.abs() == top)
+    return deadzone, float(saturated.sum()) / x.numel()
