@@ -372,3 +372,36 @@ def test_torchao_native_bf16_differs_by_at_most_one_step(torchao_ref, fmt):
 
 def rel_l2(q, w) -> float:
     return ((q.float() - w.float()).norm() / w.float().norm()).item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_w4a4_activation_quantization_bits_equal_torchao(torchao_ref, fmt):
+    """What each Linear receives under ActivationQuantizer is torchao's quantize-dequantize of
+    its real input (a [batch, tokens, width] activation of the tiny model, flattened to the
+    [tokens, width] matrix torchao takes), for every format and Linear, signs of zeros included."""
+    from aqn.models import build_tiny
+    from aqn.quant.activation import ActivationQuantizer
+
+    model, _ = build_tiny(seed=0)
+    quant = ActivationQuantizer(model, fmt)
+    pairs: dict[str, list[torch.Tensor]] = {}
+
+    def record(path):
+        def hook(module, args):
+            pairs.setdefault(path, []).append(args[0].detach())
+        return hook
+
+    targets = [(p, m) for p, m in model.named_modules() if p in quant.targets]
+    handles = [m.register_forward_pre_hook(record(p)) for p, m in targets]
+    quant.apply(0)
+    handles += [m.register_forward_pre_hook(record(p)) for p, m in targets]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model(torch.randint(3, 30, (3, 17), generator=gen))
+    for h in handles:
+        h.remove()
+    quant.restore()
+    assert len(pairs) == 28
+    for path, (x, received) in pairs.items():
+        flat = x.reshape(-1, x.shape[-1])
+        assert_same_bits(received.reshape(flat.shape), torchao_ref(flat, fmt), f"{fmt} {path}")
