@@ -6,7 +6,8 @@ and how it is built on the engine's model. The engine applies the built list in 
 order (simulated hardware first, then the training devices); the trainer never names one.
 
 Adding a perturbation (README, "Adding a perturbation"): a kernel module in ``noise/``,
-``quant/`` or ``numerics/`` (pure PyTorch: ``refresh``, ``apply``, ``usage``, ``restore``),
+``quant/`` or ``numerics/`` (pure PyTorch: ``refresh``, ``apply``, ``firing``, ``restore``,
+``writes``),
 its config field in ``config/schema.py``, one ``PerturbationSpec`` below, and tests.
 """
 
