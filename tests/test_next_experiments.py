@@ -228,6 +228,11 @@ def test_multipliers_from_a_file_map_and_the_ones_that_reach_nothing(tmp_path, t
     path.write_text(json.dumps({"layer_multipliers": {"2": 0.5, "0": 0.25}}))
     cfg = load_config("smoke", [f"trainer.noise_injection.layer_multipliers={path}", "aqn=small"])
     assert cfg.trainer.noise_injection.layer_multipliers == (0.25, 1.0, 0.5)
+    inline = load_config("smoke", ["aqn=small", "trainer.noise_injection.default_multiplier=2",
+                                   "trainer.noise_injection.layer_multipliers={1: 0, 3: 0.5}"])
+    assert inline.trainer.noise_injection.layer_multipliers == (2.0, 0.0, 2.0, 0.5)
+    with pytest.raises(ConfigError, match="layer_multipliers': expected .*got {'x': 1}"):
+        load_config("smoke", ["trainer.noise_injection.layer_multipliers={x: 1}"])
     with pytest.raises(NoTargetsError, match="lists 6 layers.*layers 0-3"):
         NoiseInjector(model, noise_cfg(layer_multipliers=(1,) * 6))
     with pytest.raises(NoTargetsError, match="0 for every one"):

@@ -71,6 +71,12 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
                 raise ConfigError(f"expected a list, got {value!r}", key)
         (item_type, *_rest) = get_args(tp)
         return tuple(coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"expected a mapping, got {value!r}", key)
+        key_type, value_type = get_args(tp)
+        return {coerce(key_type, k, f"{key}.{k}"): coerce(value_type, v, f"{key}.{k}")
+                for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:

@@ -53,10 +53,11 @@ class NoiseInjectionConfig:
     # Noise seed; null takes trainer.seed.
     seed: int | None = None
     # Per-layer sigma: the norms of decoder layer i get sigma x m[i] (0: no noise there). A
-    # list (m[0], m[1], ...) or the path of a JSON / YAML file holding such a list, a map
-    # {layer: m}, or either under the key layer_multipliers (what `aqn scan` writes); a file
-    # is read once, when the config is resolved, and the list is what the run records.
-    layer_multipliers: tuple[float, ...] | str | None = None
+    # list (m[0], m[1], ...), a map {layer: m} (layers it leaves out: default_multiplier), or
+    # the path of a JSON / YAML file holding either, or either under the key
+    # layer_multipliers (what `aqn scan` writes). Resolving the config turns it into the list
+    # (a file is read then, once), and the list is what the run records.
+    layer_multipliers: tuple[float, ...] | dict[int, float] | str | None = None
     # The multiplier of layers the list does not reach and of norms outside the numbered
     # layers (the final norm).
     default_multiplier: float = 1.0
@@ -83,8 +84,13 @@ class NoiseInjectionConfig:
             raise ConfigError(f"must be > 0, got {self.total_steps}", "total_steps")
         if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
             raise ConfigError(f"must be > 0, got {self.steps_per_epoch}", "steps_per_epoch")
-        multipliers = (self.layer_multipliers
-                       if isinstance(self.layer_multipliers, tuple) else ())
+        multipliers = self.layer_multipliers
+        if isinstance(multipliers, dict):
+            if any(i < 0 for i in multipliers):
+                raise ConfigError("layer indices must be >= 0", "layer_multipliers")
+            multipliers = tuple(multipliers.values())
+        elif not isinstance(multipliers, tuple):
+            multipliers = ()
         for name, value in ([("default_multiplier", self.default_multiplier)]
                             + [(f"layer_multipliers[{i}]", m) for i, m in enumerate(multipliers)]):
             if not (math.isfinite(value) and value >= 0):
@@ -98,9 +104,8 @@ class NoiseInjectionConfig:
     def layer_multiplier(self, layer: int | None) -> float:
         """The multiplier of decoder layer ``layer`` (None: outside the numbered layers)."""
         m = self.layer_multipliers
-        if isinstance(m, str):
-            raise ConfigError("still a file name: resolve the config first",
-                              "layer_multipliers")
+        if isinstance(m, str | dict):
+            raise ConfigError("not a list yet: resolve the config first", "layer_multipliers")
         if layer is None or m is None or layer >= len(m):
             return self.default_multiplier
         return m[layer]
@@ -113,6 +118,9 @@ class NoiseInjectionConfig:
         if isinstance(self.layer_multipliers, str):
             updates["layer_multipliers"] = read_multipliers(self.layer_multipliers,
                                                             self.default_multiplier)
+        elif isinstance(self.layer_multipliers, dict):
+            updates["layer_multipliers"] = multipliers_by_layer(self.layer_multipliers,
+                                                                self.default_multiplier)
         if self.schedule == "epoch" and self.steps_per_epoch is None:
             updates["steps_per_epoch"] = steps_per_epoch
         if self.preset is not None:
@@ -165,7 +173,7 @@ def read_multipliers(path: str, default: float) -> tuple[float, ...]:
             by_layer = {int(k): float(v) for k, v in data.items()}
             if any(i < 0 for i in by_layer):
                 raise ValueError("a negative layer index")
-            values = [by_layer.get(i, default) for i in range(max(by_layer, default=-1) + 1)]
+            values = multipliers_by_layer(by_layer, default)
         elif isinstance(data, list):
             values = [float(v) for v in data]
         else:
@@ -174,3 +182,8 @@ def read_multipliers(path: str, default: float) -> tuple[float, ...]:
         raise ConfigError(f"{path}: expected a list of multipliers or a map {{layer: "
                           f"multiplier}}, found {e}", key) from None
     return tuple(values)
+
+
+def multipliers_by_layer(by_layer: dict[int, float], default: float) -> tuple[float, ...]:
+    """A map {layer: multiplier} as the list m[0..max layer]; gaps take ``default``."""
+    return tuple(by_layer.get(i, default) for i in range(max(by_layer, default=-1) + 1))
