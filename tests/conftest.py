@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from aqn.models import build_tiny
 
@@ -12,3 +13,44 @@ def tiny():
 @pytest.fixture
 def tiny_bf16():
     return build_tiny(seed=0, dtype="bfloat16")
+
+
+# Helpers shared by the perturbation tests (imported as `from conftest import ...`).
+
+X = torch.arange(1, 21).unsqueeze(0)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X).logits
+
+
+def smoke(tmp_path, *overrides, name="run"):
+    """The smoke config, its run directory under ``tmp_path``."""
+    from aqn.config import load_config
+
+    return load_config("smoke", [f"trainer.default_local_dir={tmp_path}",
+                                 f"trainer.experiment_name={name}", *overrides])
+
+
+def linear_inputs(model, quant, forward) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per Linear that ``quant`` (an ActivationQuantizer) targets: (its raw input, what the
+    Linear received) in one ``forward()``: a hook added after the quantizer's sees Q(x)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def record(path):
+        def hook(module, args):
+            seen.setdefault(path, []).append(args[0].detach())
+        return hook
+
+    targets = [(p, m) for p, m in model.named_modules() if p in quant.targets]
+    handles = [m.register_forward_pre_hook(record(p)) for p, m in targets]
+    quant.apply(0)
+    handles += [m.register_forward_pre_hook(record(p)) for p, m in targets]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+        quant.restore()
+    return {path: (x, received) for path, (x, received) in seen.items()}

@@ -30,19 +30,7 @@ from aqn.quant.activation import ActivationQuantizer
 from aqn.quant.formats import clip_stats
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
-
-X = torch.arange(1, 21).unsqueeze(0)
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(X).logits
-
-
-def smoke(tmp_path, *overrides, name="run"):
-    return load_config("smoke", [f"trainer.default_local_dir={tmp_path}",
-                                 f"trainer.experiment_name={name}", *overrides])
-
+from conftest import X, linear_inputs, logits, smoke
 
 # ------------------------------------------------------------------- matmul-output noise
 
@@ -116,25 +104,11 @@ def test_op_noise_that_matches_nothing_is_an_error(tiny):
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int8", "fp8_e4m3"])
 def test_activation_quantization_feeds_each_linear_q_of_its_input(tiny, fmt):
     model, _ = tiny
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     quant = ActivationQuantizer(model, fmt)
-    # record (raw input, what the Linear received): a hook added after ours sees Q(x)
-    def record(path):
-        def hook(module, args):
-            seen.setdefault(path, []).append(args[0].detach())
-        return hook
-
-    targets = [(p, m) for p, m in model.named_modules() if p in quant.targets]
-    raw = [m.register_forward_pre_hook(record(p)) for p, m in targets]
-    quant.apply(0)
-    got = [m.register_forward_pre_hook(record(p)) for p, m in targets]
-    logits(model)
+    seen = linear_inputs(model, quant, lambda: logits(model))
     assert len(seen) == 28 and quant.firing().calls == 28
     for path, (x, q) in seen.items():
         assert torch.equal(q, fake_quantize(x, fmt)), path
-    for h in [*raw, *got]:
-        h.remove()
-    quant.restore()
 
 
 def test_activation_quantization_is_straight_through_in_training():

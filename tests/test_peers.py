@@ -381,26 +381,13 @@ def test_w4a4_activation_quantization_bits_equal_torchao(torchao_ref, fmt):
     [tokens, width] matrix torchao takes), for every format and Linear, signs of zeros included."""
     from aqn.models import build_tiny
     from aqn.quant.activation import ActivationQuantizer
+    from conftest import linear_inputs
 
     model, _ = build_tiny(seed=0)
+    model.requires_grad_(False)  # a rollout pass; with gradients Q(x) + (x - x) turns -0 to +0
     quant = ActivationQuantizer(model, fmt)
-    pairs: dict[str, list[torch.Tensor]] = {}
-
-    def record(path):
-        def hook(module, args):
-            pairs.setdefault(path, []).append(args[0].detach())
-        return hook
-
-    targets = [(p, m) for p, m in model.named_modules() if p in quant.targets]
-    handles = [m.register_forward_pre_hook(record(p)) for p, m in targets]
-    quant.apply(0)
-    handles += [m.register_forward_pre_hook(record(p)) for p, m in targets]
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model(torch.randint(3, 30, (3, 17), generator=gen))
-    for h in handles:
-        h.remove()
-    quant.restore()
+    ids = torch.randint(3, 30, (3, 17), generator=torch.Generator().manual_seed(1))
+    pairs = linear_inputs(model, quant, lambda: model(ids).logits.detach())
     assert len(pairs) == 28
     for path, (x, received) in pairs.items():
         flat = x.reshape(-1, x.shape[-1])

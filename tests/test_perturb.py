@@ -22,19 +22,7 @@ from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
 from aqn.rollout.base import Engine, Perturbations, SamplingParams
 from aqn.rollout.hf import HFEngine, parameter_slots
-
-X = torch.arange(1, 21).unsqueeze(0)
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(X).logits
-
-
-def smoke(tmp_path, *overrides, name="run"):
-    return load_config("smoke", [f"trainer.default_local_dir={tmp_path}",
-                                 f"trainer.experiment_name={name}", *overrides])
-
+from conftest import logits, smoke
 
 # ------------------------------------------------------------------------------- registry
 

@@ -9,6 +9,7 @@ zero, hooks that never fire in a compiled or CUDA-graph model): ``check`` raises
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -81,3 +82,44 @@ class Firing:
             f"perturbation {name!r} was configured to act at step {step} ({where}), but "
             f"{why}, so it did nothing. The run stops here rather than report a perturbed "
             "run that was not perturbed.")
+
+
+class HookedPerturbation:
+    """The life of a perturbation carried by hooks (activation noise, matmul noise, activation
+    quantization): ``start`` installs the hooks once and opens a new count of their calls,
+    ``restore`` removes them, so the model computes exactly as before. It writes no weight."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.last = Firing.empty(by_calls=True)
+        self._calls: dict[str, int] = {}  # per path: the call number each hook call gets
+        self._handles: list = []
+
+    def start(self, step: int, install: Callable[[], list]) -> None:
+        """Count the calls of ``step`` from zero; ``install()`` returns the hook handles."""
+        self.step = step
+        self._calls.clear()
+        self.last = Firing.empty(by_calls=True)
+        if not self._handles:
+            self._handles = install()
+
+    def next_call(self, path: str) -> int:
+        """The number of this call of ``path``'s hook in the step (0, 1, ...): seeds noise."""
+        call = self._calls.get(path, 0)
+        self._calls[path] = call + 1
+        return call
+
+    def firing(self) -> Firing:
+        return self.last
+
+    def writes(self) -> list[Tensor]:
+        return []  # hooks on inputs or outputs, never weights
+
+    def refresh(self) -> None:
+        """New weights were loaded: nothing to do, the hooks read only activations."""
+
+    def restore(self) -> None:
+        """Remove the hooks: the model computes exactly as before ``apply``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

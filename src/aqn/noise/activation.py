@@ -11,65 +11,39 @@ fire in compiled or CUDA-graph models; ``aqn.firing``).
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import Tensor, nn
 
 from aqn.errors import NoTargetsError
-from aqn.firing import Firing
+from aqn.firing import HookedPerturbation
 from aqn.hashing import derive_seed
 from aqn.noise.selection import select_norms
 
 
-class NormOutputNoise:
+class NormOutputNoise(HookedPerturbation):
     name = "activation_noise"
 
     def __init__(self, model: nn.Module, sigma: float, seed: int,
                  class_patterns: tuple[str, ...] = ("rmsnorm",)) -> None:
         if not sigma > 0:
             raise ValueError(f"activation noise needs sigma > 0, got {sigma}")
+        super().__init__()
         self.sigma, self.seed = float(sigma), seed
         try:
             self.targets = select_norms(model, class_patterns)
         except NoTargetsError as e:
             raise NoTargetsError(f"activation noise: {e}") from None
-        self.step: int | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._calls: dict[str, int] = defaultdict(int)
-        self.last = Firing.empty(by_calls=True)
-
-    def writes(self) -> list[Tensor]:
-        return []  # hooks on outputs, never weights
-
-    def refresh(self) -> None:
-        """New weights were loaded: nothing to do, the hooks read only the outputs."""
 
     def apply(self, step: int) -> dict[str, float]:
         """Hook every target (once) and start counting the calls of ``step``."""
-        self.step = step
-        self._calls.clear()
-        self.last = Firing.empty(by_calls=True)
-        if not self._handles:
-            self._handles = [module.register_forward_hook(self._hook(path))
-                             for path, module in self.targets]
+        self.start(step, lambda: [module.register_forward_hook(self._hook(path))
+                                  for path, module in self.targets])
         return {"act_noise/sigma": self.sigma, "act_noise/num_modules": float(len(self.targets))}
-
-    def firing(self) -> Firing:
-        return self.last
-
-    def restore(self) -> None:
-        """Remove the hooks: the model computes exactly as before ``apply``."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def _hook(self, path: str):
         def add_noise(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            call = self._calls[path]
-            self._calls[path] += 1
             gen = torch.Generator(device=output.device)
-            gen.manual_seed(derive_seed(self.seed, self.step, path, call))
+            gen.manual_seed(derive_seed(self.seed, self.step, path, self.next_call(path)))
             eps = torch.randn(output.shape, generator=gen, device=output.device)
             y = output.float()
             noisy = (y + self.sigma * y.abs() * eps).to(output.dtype)

@@ -14,7 +14,6 @@ that never fire (a compiled or CUDA-graph model) stop the run instead of doing n
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from aqn.errors import ConfigError, NoTargetsError
-from aqn.firing import Firing
+from aqn.firing import HookedPerturbation
 from aqn.hashing import derive_seed
 from aqn.modules import path_matches
 
@@ -91,7 +90,7 @@ def select_ops(model: nn.Module, config: OpNoiseConfig) -> list[tuple[str, str, 
     return selected
 
 
-class OpNoise:
+class OpNoise(HookedPerturbation):
     """Matmul-output noise as a perturbation (engine side, trainer side, or both)."""
 
     name = "op_noise"
@@ -99,42 +98,18 @@ class OpNoise:
     def __init__(self, model: nn.Module, config: OpNoiseConfig, seed: int) -> None:
         if not config.enabled:
             raise ValueError(f"matmul-output noise needs scale > 0, got {config.scale}")
+        super().__init__()
         self.config, self.seed = config, seed
         self.targets = select_ops(model, config)
-        self.step: int | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._calls: dict[str, int] = defaultdict(int)
-        self.last = Firing.empty(by_calls=True)
-
-    def writes(self) -> list[Tensor]:
-        return []  # hooks on outputs, never weights
-
-    def refresh(self) -> None:
-        """New weights were loaded: nothing to do, the hooks read only the outputs."""
 
     def apply(self, step: int) -> dict[str, float]:
         """Hook every op (once) and start counting the calls of ``step``."""
-        self.step = step
-        self._calls.clear()
-        self.last = Firing.empty(by_calls=True)
-        if not self._handles:
-            for op, path, module in self.targets:
-                if op == "linear":
-                    self._handles.append(module.register_forward_hook(self._output_hook(path)))
-                else:
-                    self._handles.append(
-                        module.register_forward_pre_hook(self._input_hook(f"{path}.pv")))
+        self.start(step, lambda: [
+            module.register_forward_hook(self._output_hook(path)) if op == "linear"
+            else module.register_forward_pre_hook(self._input_hook(f"{path}.pv"))
+            for op, path, module in self.targets])
         return {"op_noise/scale": self.config.scale,
                 "op_noise/num_modules": float(len(self.targets))}
-
-    def firing(self) -> Firing:
-        return self.last
-
-    def restore(self) -> None:
-        """Remove the hooks: the model computes exactly as before ``apply``."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def _noisy(self, y: Tensor, *seed_parts: object) -> Tensor:
         gen = torch.Generator(device=y.device)
@@ -158,9 +133,7 @@ class OpNoise:
         return add_noise
 
     def _perturb(self, path: str, y: Tensor) -> Tensor:
-        call = self._calls[path]
-        self._calls[path] += 1
-        noisy = self._noisy(y, path, call)
+        noisy = self._noisy(y, path, self.next_call(path))
         self.last.count_call(path, y.numel(), (noisy.detach() != y.detach()).sum())
         return noisy
 

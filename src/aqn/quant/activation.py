@@ -13,54 +13,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
-from aqn.firing import Firing
+from aqn.firing import HookedPerturbation
 from aqn.quant.formats import check_format, fake_quantize
 from aqn.quant.model import DEFAULT_EXCLUDE, select_linears
 
 
 def quantize_input(x: Tensor, fmt: str) -> Tensor:
-    """``Q(x)`` in the forward, the identity in the backward (straight-through)."""
+    """``Q(x)`` in the forward, the identity in the backward (straight-through). With
+    gradients the forward value is ``Q(x) + (x - x)``: the same bits, except that -0 is +0."""
     q = fake_quantize(x.detach(), fmt)
     return q + (x - x.detach()) if x.requires_grad else q
 
 
-class ActivationQuantizer:
+class ActivationQuantizer(HookedPerturbation):
     """Input quantization of Linear modules as a perturbation (engine or trainer side)."""
 
     name = "act_quant"
 
     def __init__(self, model: nn.Module, fmt: str, include: Sequence[str] = (),
                  exclude: Sequence[str] = DEFAULT_EXCLUDE) -> None:
+        super().__init__()
         self.fmt = check_format(fmt)
         self._modules = dict(select_linears(model, include, exclude))
         self.targets = list(self._modules)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.last = Firing.empty(by_calls=True)
-
-    def writes(self) -> list[Tensor]:
-        return []  # hooks on inputs, never weights
-
-    def refresh(self) -> None:
-        """New weights were loaded: nothing to do, the hooks read only the inputs."""
 
     def apply(self, step: int) -> dict[str, float]:
         """Hook every target (once) and start counting the calls of ``step``."""
-        self.last = Firing.empty(by_calls=True)
-        if not self._handles:
-            self._handles = [m.register_forward_pre_hook(self._hook(path))
-                             for path, m in self._modules.items()]
+        self.start(step, lambda: [m.register_forward_pre_hook(self._hook(path))
+                                  for path, m in self._modules.items()])
         return {"act_quant/num_modules": float(len(self.targets))}
-
-    def firing(self) -> Firing:
-        return self.last
-
-    def restore(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def _hook(self, path: str):
         def hook(module: nn.Module, args: tuple):
