@@ -366,8 +366,9 @@ def _perturbation_sections(groups: dict[str, dict[int, RunData]]) -> list[Block]
         rows = [[v] + [fmt_num(_steps_then_seeds(runs, k)) for k in found]
                 for v, runs in groups.items()]
         blocks += [Heading(f"4{chr(ord('a') + len(blocks) // 3)}. {spec.report_section}"),
-                   Text(f"The {spec.metric_prefix}* metrics the {spec.side} logged, and "
-                        f"perturb/{spec.name}/*, what it touched in each step: modules, hook "
+                   Text(("" if spec.name == "aqn" else
+                         f"The {spec.metric_prefix}* metrics the {spec.side} logged, and ")
+                        + f"perturb/{spec.name}/*, what it touched in each step: modules, hook "
                         f"calls, elements, elements changed ({spec.kind}, {spec.config_key}; "
                         f"{'kept' if spec.in_validation else 'off'} in validation): mean over "
                         "training steps, then seeds."),

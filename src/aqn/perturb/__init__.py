@@ -145,7 +145,7 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
     PerturbationSpec(
         name="aqn", kind="noise", config_key="trainer.noise_injection.enabled",
         in_validation=False, metric_prefix="aqn/",
-        report_section="AQN noise actually applied",
+        report_section="AQN: what the injector touched each step (proof of firing)",
         enabled=lambda cfg: cfg.trainer.noise_injection.enabled,
         # built from the frozen config before any rollout: fails now if nothing matches
         build=lambda model, cfg: AQNNoise(NoiseInjector(model, cfg.trainer.noise_injection))),
