@@ -256,12 +256,16 @@ def test_steps_per_epoch_come_from_the_data(tmp_path):
                                 "data.max_train_samples=40", "data.train_batch_size=4",
                                 "trainer.total_training_steps=30"])
     assert cfg.trainer.noise_injection.steps_per_epoch == 10
-    gsm = load_config("smoke", ["aqn=small", "trainer.noise_injection.schedule=epoch",
-                                "data.source=gsm8k", "data.path=../shared/data/gsm8k",
-                                "data.max_train_samples=null", "data.train_batch_size=64",
-                                "trainer.total_training_steps=300"])
-    lines = sum(1 for line in open("../shared/data/gsm8k/train.jsonl") if line.strip())
-    assert gsm.trainer.noise_injection.steps_per_epoch == lines // 64
+    for split, n in (("train", 130), ("test", 5)):  # GSM8K-format files
+        (tmp_path / f"{split}.jsonl").write_text("".join(
+            json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### "
+                        f"{i + 1}"}) + "\n" for i in range(n)))
+    gsm = [load_config("smoke", ["aqn=small", "trainer.noise_injection.schedule=epoch",
+                                 "data.source=gsm8k", f"data.path={tmp_path}",
+                                 f"data.max_train_samples={cap}", "data.train_batch_size=32",
+                                 "trainer.total_training_steps=30"])
+           for cap in ("null", 70)]
+    assert [c.trainer.noise_injection.steps_per_epoch for c in gsm] == [130 // 32, 70 // 32]
 
 
 def test_defect_an_epoch_schedule_that_is_zero_everywhere_is_refused():
