@@ -21,8 +21,9 @@ from aqn.experiments.report import build_report
 from aqn.experiments.scan import decoder_layers, multipliers, scan_model
 from aqn.firing import NotFiredError
 from aqn.hashing import derive_seed
-from aqn.noise import NoiseInjectionConfig, NoiseInjector, SigmaSchedule
+from aqn.noise import NoiseInjectionConfig, NoiseInjector
 from aqn.noise.activation import NormOutputNoise
+from aqn.noise.schedule import EpochSchedule
 from aqn.numerics.op_noise import OpNoise, OpNoiseConfig
 from aqn.perturb import Perturbations
 from aqn.quant import fake_quantize
@@ -244,11 +245,15 @@ def test_the_report_shows_the_noise_per_layer(tmp_path):
 
 # ------------------------------------------------------------------------ epoch schedule
 
-def test_the_epoch_schedule_restarts_every_epoch():
-    epoch = SigmaSchedule(0.05, 0.0005, 4, 8, repeat=True)
-    one = SigmaSchedule(0.05, 0.0005, 4, 8)
-    assert [epoch.sigma(s) for s in range(24)] == [one.sigma(s % 8) for s in range(24)]
-    assert epoch.sigma(8) == 0 and epoch.sigma(10) == 0.05  # each epoch its own warm-up
+def test_the_epoch_schedule_decays_over_epochs_each_with_its_own_warm_up():
+    schedule = EpochSchedule(0.05, 0.0005, 3, 4, num_epochs=2)
+    # epoch 0 runs 0.05 -> 0.005, epoch 1 0.005 -> 0.0005, each over 4 steps in 3 stages
+    # (boundaries at step // (4 / 3)); steps past the run stay in the last epoch's range
+    assert [schedule.sigma(s) for s in range(10)] == pytest.approx(
+        [0, 0, 0.05, 0.005, 0, 0, 0.005, 0.0005, 0, 0], rel=1e-12)
+    assert [schedule.stage(s) for s in range(8)] == [0, 0, 1, 2, 3, 3, 4, 5]
+    assert [(r.stage, r.first_step, r.last_step) for r in schedule.table()] == [
+        (0, 0, 1), (1, 2, 2), (2, 3, 3), (3, 4, 5), (4, 6, 6), (5, 7, 7)]
 
 
 def test_steps_per_epoch_come_from_the_data(tmp_path):
@@ -290,10 +295,10 @@ def test_an_epoch_schedule_run_applies_its_plan(tmp_path):
                 "trainer.noise_injection.num_stages=3", "data.max_train_samples=8",
                 "data.train_batch_size=4", "trainer.total_training_steps=4"))
     rows = [r for r in read_metrics(tmp_path / "run") if r["step"] >= 1]
-    plan = SigmaSchedule(0.01, 0.001, 3, 2, repeat=True)
-    assert [r["aqn/sigma"] for r in rows] == [plan.sigma(s) for s in range(4)] == [
-        0, 0.01, 0, 0.01]
-    assert "every epoch of 2 steps" in (tmp_path / "run" / "plan.txt").read_text()
+    plan = EpochSchedule(0.01, 0.001, 3, 2, num_epochs=2)
+    assert [r["aqn/sigma"] for r in rows] == [plan.sigma(s) for s in range(4)]
+    assert [r["aqn/sigma"] for r in rows] == pytest.approx([0, 0.01, 0, 0.01 * 0.1 ** 0.5])
+    assert "2 epochs of 2 steps" in (tmp_path / "run" / "plan.txt").read_text()
 
 
 # -------------------------------------------------------------------------------- scan

@@ -308,6 +308,7 @@ def resolve(cfg: AQNConfig) -> AQNConfig:
             if noise.schedule == "epoch":
                 span = ("steps_per_epoch (one epoch)", "schedule=global, or more steps per "
                         "epoch (a larger train set or a smaller data.train_batch_size)")
+                schedule = schedule.epochs[0]
             raise ConfigError(
                 f"AQN is enabled but its sigma is 0 at every one of the run's "
                 f"{t.total_training_steps} steps: the schedule spans {span[0]}="

@@ -12,7 +12,7 @@ import yaml
 
 from aqn.errors import ConfigError
 from aqn.modules import layer_index
-from aqn.noise.schedule import EXPONENTS, PRESETS, SigmaSchedule
+from aqn.noise.schedule import EXPONENTS, PRESETS, EpochSchedule, SigmaSchedule
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,9 @@ class NoiseInjectionConfig:
     # The multiplier of layers the list does not reach and of norms outside the numbered
     # layers (the final norm).
     default_multiplier: float = 1.0
-    # global: one schedule over total_steps (QeRL); epoch: every epoch restarts it, its own
-    # warm-up and decay over steps_per_epoch steps.
+    # global: one schedule over total_steps (QeRL); epoch: the verl fork's epoch-aware one,
+    # sigma falling from sigma_start to sigma_end over the epochs and every epoch its own
+    # warm-up and num_stages - 1 decay stages (aqn.noise.schedule.EpochSchedule).
     schedule: Literal["global", "epoch"] = "global"
     # Steps of one epoch for schedule=epoch; null: from the data, floor(train prompts /
     # data.train_batch_size) as verl's len(train_dataloader).
@@ -134,11 +135,10 @@ class NoiseInjectionConfig:
             updates["seed"] = seed
         return replace(self, **updates)
 
-    def sigma_schedule(self) -> SigmaSchedule:
+    def sigma_schedule(self) -> SigmaSchedule | EpochSchedule:
         epoch = self.schedule == "epoch"
-        missing = [n for n in ("sigma_start", "sigma_end", "num_stages",
-                               "steps_per_epoch" if epoch else "total_steps")
-                   if getattr(self, n) is None]
+        missing = [n for n in ("sigma_start", "sigma_end", "num_stages", "total_steps")
+                   + (("steps_per_epoch",) if epoch else ()) if getattr(self, n) is None]
         if missing:
             raise ConfigError(
                 f"{', '.join(missing)} unset: name a preset or set them (total_steps comes "
@@ -146,9 +146,13 @@ class NoiseInjectionConfig:
                 missing[0],
             )
         try:
+            if epoch:  # as many epochs as the run starts (the last may be partial)
+                return EpochSchedule(self.sigma_start, self.sigma_end, self.num_stages,
+                                     self.steps_per_epoch,
+                                     -(-self.total_steps // self.steps_per_epoch),
+                                     self.exponent, self.boundaries)
             return SigmaSchedule(self.sigma_start, self.sigma_end, self.num_stages,
-                                 self.steps_per_epoch if epoch else self.total_steps,
-                                 self.exponent, self.boundaries, repeat=epoch)
+                                 self.total_steps, self.exponent, self.boundaries)
         except ValueError as e:
             # the schedule's messages start with the name of the field at fault
             name = str(e).split(" ", 1)[0]

@@ -4,8 +4,9 @@ Over ``total_steps`` optimizer steps and ``K = num_stages`` stages of equal leng
 ``total_steps / K``: stage 0 is a warm-up without noise; stage ``k >= 1`` uses a
 geometric interpolation from ``sigma_start`` to ``sigma_end``.
 
-``repeat=True`` is the epoch-aware schedule: ``total_steps`` is one epoch's steps and each
-epoch runs the whole schedule again, warm-up included.
+``EpochSchedule`` is the epoch-aware schedule of the seed's verl fork: sigma falls from
+``sigma_start`` to ``sigma_end`` over the epochs, and each epoch runs a staged schedule of
+its own (warm-up, then geometric decay) over its part of that range.
 
 ``exponent="qerl-code"`` (default) uses ``(k - 1) / (K - 2)`` as QeRL's code does, so the
 last stage reaches ``sigma_end``; ``exponent="paper"`` uses ``(k - 1) / (K - 1)`` as the
@@ -70,7 +71,6 @@ class SigmaSchedule:
         total_steps: int,
         exponent: Exponent = "qerl-code",
         boundaries: Boundaries = "qerl-code",
-        repeat: bool = False,
     ) -> None:
         if boundaries not in BOUNDARIES:
             raise ValueError(f"boundaries must be one of {BOUNDARIES}, got {boundaries!r}")
@@ -106,15 +106,10 @@ class SigmaSchedule:
         self.total_steps = total_steps
         self.exponent = exponent
         self.boundaries = boundaries
-        # repeat: every total_steps steps (an epoch) the schedule starts again at stage 0
-        self.repeat = repeat
 
     def stage(self, step: int) -> int:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        return self._stage(step % self.total_steps if self.repeat else step)
-
-    def _stage(self, step: int) -> int:
         if self.boundaries == "qerl-code":
             # QeRL's released code: a float floor division, step // (T / K). For some (K, T)
             # it puts a boundary one step before or after the exact one; runs that are to be
@@ -140,7 +135,7 @@ class SigmaSchedule:
         exact = -(-stage * self.total_steps // self.num_stages)
         if self.boundaries == "exact" or stage == 0:
             return exact
-        return next(s for s in range(max(0, exact - 2), exact + 3) if self._stage(s) >= stage)
+        return next(s for s in range(max(0, exact - 2), exact + 3) if self.stage(s) >= stage)
 
     def table(self) -> list[StageRow]:
         """One row per stage; the last stage also covers every step past total_steps."""
@@ -150,3 +145,56 @@ class SigmaSchedule:
                     else self.total_steps - 1)
             rows.append(StageRow(k, self.first_step(k), last, self.stage_sigma(k)))
         return rows
+
+
+class EpochSchedule:
+    """The epoch-aware schedule (the verl fork's ``epoch_aware``): epoch e of ``num_epochs``
+    runs a ``SigmaSchedule`` of ``num_stages`` stages (stage 0 a warm-up) over its
+    ``steps_per_epoch`` steps, from s_e to s_{e+1}, where s_i = sigma_start x (sigma_end /
+    sigma_start)^(i / num_epochs). Steps past the last epoch stay in its range, the step
+    within the epoch restarting. This follows the fork's design as read from its source
+    (``get_sigma_by_step_epoch_aware``; its stages_per_epoch is num_stages - 1); it is not
+    tested against its code, which is not on PyPI. Stage ids are global: e x num_stages + k."""
+
+    def __init__(self, sigma_start: float, sigma_end: float, num_stages: int,
+                 steps_per_epoch: int, num_epochs: int, exponent: Exponent = "qerl-code",
+                 boundaries: Boundaries = "qerl-code") -> None:
+        if not isinstance(num_epochs, int) or num_epochs < 1:
+            raise ValueError(f"num_epochs must be an integer >= 1, got {num_epochs!r}")
+        ends = [sigma_start * (sigma_end / sigma_start) ** (i / num_epochs)
+                for i in range(num_epochs + 1)]
+        with warnings.catch_warnings():  # the checks below say it once, for the whole run
+            warnings.simplefilter("ignore")
+            self.epochs = [SigmaSchedule(ends[e], ends[e + 1], num_stages, steps_per_epoch,
+                                         exponent, boundaries) for e in range(num_epochs)]
+        if steps_per_epoch < num_stages:
+            warnings.warn(f"steps_per_epoch ({steps_per_epoch}) < num_stages ({num_stages}): "
+                          "some stages of every epoch have no step at all", stacklevel=2)
+        self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
+        self.num_stages, self.num_epochs = num_stages, num_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * num_epochs
+        self.exponent, self.boundaries = exponent, boundaries
+
+    def stage(self, step: int) -> int:
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        epoch = min(step // self.steps_per_epoch, self.num_epochs - 1)
+        return epoch * self.num_stages + self.epochs[epoch].stage(step % self.steps_per_epoch)
+
+    def stage_sigma(self, stage: int) -> float:
+        epoch, k = divmod(stage, self.num_stages)
+        return self.epochs[epoch].stage_sigma(k)
+
+    def sigma(self, step: int) -> float:
+        return self.stage_sigma(self.stage(step))
+
+    def first_step(self, stage: int) -> int:
+        epoch, k = divmod(stage, self.num_stages)
+        return epoch * self.steps_per_epoch + self.epochs[epoch].first_step(k)
+
+    def table(self) -> list[StageRow]:
+        """One row per stage of every epoch, in global steps."""
+        return [StageRow(e * self.num_stages + r.stage, e * self.steps_per_epoch + r.first_step,
+                         e * self.steps_per_epoch + r.last_step, r.sigma)
+                for e, epoch in enumerate(self.epochs) for r in epoch.table()]

@@ -325,8 +325,8 @@ def describe_plan(cfg: AQNConfig, sides: Mapping[str, Perturbations]) -> str:
 def _aqn_plan(cfg: AQNConfig, p: AQNNoise) -> list[str]:
     noise = cfg.trainer.noise_injection
     schedule = noise.sigma_schedule()
-    span = (f"every epoch of {schedule.total_steps} steps" if schedule.repeat
-            else f"{schedule.total_steps} steps")
+    span = (f"{schedule.num_epochs} epochs of {schedule.steps_per_epoch} steps, each with "
+            "its own warm-up" if noise.schedule == "epoch" else f"{schedule.total_steps} steps")
     lines = [f"    sigma per stage ({noise.distribution}, {noise.mode}, {span}):"]
     lines += [f"      stage {r.stage}: steps {r.first_step}-{r.last_step} sigma {r.sigma:.4g}"
               for r in schedule.table()]
