@@ -322,12 +322,28 @@ def test_scan_isolates_each_layer_and_accumulates_over_the_model(tiny):
     assert all(0 < r.rel_err < 1 and r.sqnr_db > 0 for r in rows)
     assert rows[3].cumulative_rel_err > rows[3].rel_err  # errors add up over the layers
     assert all(0 < r.deadzone < 0.2 and r.saturation >= 0 for r in rows)
+    for r, hidden in zip(rows, _clean_outputs(model, ids, mask), strict=True):
+        q = fake_quantize(hidden, "nvfp4")  # the fork's measure: the format on the output
+        sqnr = 10 * torch.log10(hidden.pow(2).sum() / (q - hidden).pow(2).sum()).item()
+        assert r.output_sqnr_db == pytest.approx(sqnr, rel=1e-4) and 15 < sqnr < 25
     assert sum(multipliers(rows)) == pytest.approx(4, abs=1e-3)
     w4a4 = scan_model(model, ids, mask, fmt="nvfp4", activations=True)
     assert all(a.rel_err > w.rel_err for a, w in zip(w4a4, rows, strict=True))
     profile = scan_model(model, ids, mask, profile="npu-naive")
     assert profile[0].sqnr_db is None and profile[0].cumulative_sqnr_db > 20
     assert len(decoder_layers(model)) == 4
+
+
+def _clean_outputs(model, ids, mask):
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple)
+                                                                 else o))
+             for _, m in decoder_layers(model)]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    return [o[mask.bool()].float() for o in outs]
 
 
 def test_aqn_scan_writes_the_table_plot_and_a_multipliers_file_training_reads(tmp_path, capsys):

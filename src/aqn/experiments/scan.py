@@ -11,7 +11,9 @@ clean model's, over the non-padding positions:
 - **cumulative**: the whole model perturbed, the error every layer's output carries;
 - deadzone (the fraction of non-zero weights the format rounds to zero) and saturation (the
   fraction clipped at the largest value of their block / row / tensor) of the layer's Linear
-  weights.
+  weights;
+- **output**: the format applied to the clean layer output itself (the verl fork's scan: the
+  SQNR of quantizing that hidden state), with its deadzone and saturation.
 
 The multipliers file it writes (``layer_multipliers``: relative error / its mean over the
 layers, isolated where measured) is what ``trainer.noise_injection.layer_multipliers`` reads.
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from aqn.files import write_atomic
 from aqn.modules import layer_index
 from aqn.numerics import NumericsEmulator
-from aqn.quant import FORMATS, WeightQuantizer
+from aqn.quant import FORMATS, WeightQuantizer, fake_quantize
 from aqn.quant.activation import ActivationQuantizer
 from aqn.quant.formats import clip_stats
 
@@ -45,6 +47,9 @@ class LayerScan:
     cumulative_rel_err: float
     deadzone: float | None  # of the layer's Linear weights (None for a profile)
     saturation: float | None
+    output_sqnr_db: float | None  # the format on the clean output hidden state itself
+    output_deadzone: float | None
+    output_saturation: float | None
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -118,8 +123,11 @@ def scan_model(model: nn.Module, ids: Tensor, mask: Tensor, fmt: str | None = No
         cumulative = perturbed(_perturbations(model, fmt, activations))
     rows = []
     for i, (path, layer) in enumerate(layers):
-        sqnr = rel = dead = sat = None
+        sqnr = rel = dead = sat = out_sqnr = out_dead = out_sat = None
         if fmt is not None:
+            hidden = clean[i].float()
+            out_sqnr, _ = _error(clean[i], fake_quantize(hidden, fmt).double())
+            out_dead, out_sat = clip_stats(hidden, fmt)
             own = perturbed(_perturbations(model, fmt, activations, include=(f"{path}.*",)))
             sqnr, rel = _error(clean[i], own[i])
             weights = [m.weight.detach() for _, m in layer.named_modules()
@@ -129,7 +137,8 @@ def scan_model(model: nn.Module, ids: Tensor, mask: Tensor, fmt: str | None = No
             dead = sum(d * w.numel() for (d, _), w in zip(stats, weights, strict=True)) / n
             sat = sum(s * w.numel() for (_, s), w in zip(stats, weights, strict=True)) / n
         c_sqnr, c_rel = _error(clean[i], cumulative[i])
-        rows.append(LayerScan(layer_index(path), path, sqnr, rel, c_sqnr, c_rel, dead, sat))
+        rows.append(LayerScan(layer_index(path), path, sqnr, rel, c_sqnr, c_rel, dead, sat,
+                              out_sqnr, out_dead, out_sat))
     return rows
 
 
@@ -145,10 +154,11 @@ def table(rows: list[LayerScan]) -> str:
         return "-" if x is None else format(x, spec)
 
     head = ("layer", "SQNR dB", "rel err", "cum. SQNR dB", "cum. rel err", "deadzone",
-            "saturation", "multiplier")
+            "saturation", "out SQNR dB", "out deadzone", "out sat.", "multiplier")
     body = [(str(r.layer), f(r.sqnr_db, ".2f"), f(r.rel_err, ".4f"),
              f(r.cumulative_sqnr_db, ".2f"), f(r.cumulative_rel_err, ".4f"),
-             f(r.deadzone, ".4%"), f(r.saturation, ".4%"), f"{m:.3f}")
+             f(r.deadzone, ".4%"), f(r.saturation, ".4%"), f(r.output_sqnr_db, ".2f"),
+             f(r.output_deadzone, ".3%"), f(r.output_saturation, ".3%"), f"{m:.3f}")
             for r, m in zip(rows, multipliers(rows), strict=True)]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True))
@@ -166,6 +176,8 @@ def plot(path: Path, rows: list[LayerScan], title: str) -> None:
     if rows[0].sqnr_db is not None:
         ax.plot(x, [r.sqnr_db for r in rows], "o-", label="isolated (this layer only)")
     ax.plot(x, [r.cumulative_sqnr_db for r in rows], "s--", label="cumulative (whole model)")
+    if rows[0].output_sqnr_db is not None:
+        ax.plot(x, [r.output_sqnr_db for r in rows], "^:", label="the format on the output")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("SQNR of the layer output (dB)")
     ax.set_title(title)
