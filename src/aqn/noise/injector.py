@@ -195,12 +195,6 @@ class NoiseInjector:
         """(path, decoder layer) of every target; layer None outside the numbered layers."""
         return [(path, layer_index(path)) for path, _ in self._targets]
 
-    def target_sigmas(self, step: int) -> list[tuple[str, float]]:
-        """(path, sigma) of every target at ``step``: the schedule's sigma x multiplier."""
-        sigma = self.schedule.sigma(step)
-        return [(path, sigma * m) for (path, _), m in zip(self._targets, self.multipliers,
-                                                          strict=True)]
-
     @property
     def targets(self) -> list[NormTarget]:
         return describe_targets(self._targets)
