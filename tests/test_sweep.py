@@ -176,3 +176,12 @@ def test_a_killed_worker_fails_its_run_and_the_sweep_goes_on(tmp_path, monkeypat
     # what the kill took with it is run again by the next sweep, which finishes
     monkeypatch.setattr(trainer_module, "train", original)
     assert set(run_sweep(spec, jobs=2).values()) <= {"done", "skipped"}
+
+
+def test_the_sweep_help_names_every_shipped_preset():
+    from aqn.cli import build_parser
+    from aqn.experiments.sweep import sweep_presets
+
+    sweep = build_parser()._subparsers._group_actions[0].choices["sweep"]
+    text = next(a.help for a in sweep._actions if a.dest == "preset")
+    assert all(name in text for name in sweep_presets()), text

@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run every (variant, seed) pair of a sweep file")
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
     p.add_argument("--preset", help="a shipped sweep: demo, hw-hetero, nvfp4, nvfp4-rollout, "
-                   "mxfp4-rollout, quick")
+                   "mxfp4-rollout, op-noise, w4a4, quick")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the file's")
     p.add_argument("--scale", help="one of the sweep's larger set-ups (e.g. smollm2: hours "
