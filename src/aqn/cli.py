@@ -197,20 +197,16 @@ def cmd_numerics(args: argparse.Namespace) -> None:
 def cmd_scan(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    import torch
-
     from aqn.experiments.scan import scan_model, table, write_scan
     from aqn.models import load_model
+    from aqn.rollout.hf import left_pad
     from aqn.rollout.mismatch import probe_prompts, probe_wording
 
     if (args.format is None) == (args.profile is None):
         raise ConfigError("give one of --format or --profile")
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     prompts = probe_prompts(tokenizer, args.prompts, args.seed, probe_wording(args.model))
-    width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     rows = scan_model(model, ids, mask, fmt=args.format, profile=args.profile,
                       activations=args.activations)
     what = args.profile or (f"{args.format} W4A4" if args.activations else f"{args.format} "
