@@ -109,7 +109,6 @@ def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
     from aqn.rollout.vllm import VLLMEngine
 
     rollout = cfg.actor_rollout_ref.rollout
-    policy.perturbations = Perturbations(build_perturbations(policy.model, cfg, side="actor"))
     engine = VLLMEngine(
         policy.model,
         pad_token_id=policy.tokenizer.pad_token_id,
@@ -127,6 +126,8 @@ def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
     )
     for p in engine.perturbations.all:
         log.info("rollout perturbation %s on vLLM's %s", p.name, type(engine.model).__name__)
+    # as with hf: the trainer-side ones go on the policy after the engine's copy was taken
+    policy.perturbations = Perturbations(build_perturbations(policy.model, cfg, side="actor"))
     return engine
 
 
