@@ -226,17 +226,16 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"must be in (0, 1], got {self.top_p}", "top_p")
 
-    # What vLLM's own modules can carry: in place on its RMSNorm weights (AQN). Its Linear
-    # layers are packed into oneDNN / CUDA kernels that Python hooks and in-place weight
-    # edits do not reach, so the hooked perturbations stay on the hf engine.
-    VLLM_UNSUPPORTED = ("quantization", "activation_quantization", "numerics", "op_noise",
-                        "activation_noise")
-
     def _check_vllm(self) -> None:
-        off = {"quantization": None, "activation_quantization": None, "numerics": "reference",
-               "activation_noise": 0.0}
-        for key in self.VLLM_UNSUPPORTED:
-            on = self.op_noise.enabled if key == "op_noise" else getattr(self, key) != off[key]
+        # What vLLM's own modules can carry: in place on its RMSNorm weights (AQN). Its Linear
+        # layers are packed into oneDNN / CUDA kernels that Python hooks and in-place weight
+        # edits do not reach, so the hooked perturbations stay on the hf engine.
+        hooked = {"quantization": self.quantization is not None,
+                  "activation_quantization": self.activation_quantization is not None,
+                  "numerics": self.numerics != "reference",
+                  "op_noise": self.op_noise.enabled,
+                  "activation_noise": self.activation_noise > 0}
+        for key, on in hooked.items():
             if on:
                 raise ConfigError(
                     "is not supported with name=vllm: it acts on Linear modules (hooks or "

@@ -6,14 +6,13 @@ model through the worker's layerwise ``reload_weights`` (the only path that reac
 packed CPU Linear kernels), then the registry's perturbations act on **vLLM's own modules**:
 AQN finds vLLM's ``RMSNorm`` by the class-name rule and writes its weights in place, which the
 norm kernel reads at every call. The prefix cache is reset before every generation, since vLLM
-would otherwise serve KV computed under other weights. Facts this rests on: VLLM-CPU notes in
-docs/reference.md ("vLLM as the rollout engine").
+would otherwise serve KV computed under other weights. What it refuses and what was measured:
+README, "vLLM as the rollout engine".
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -42,9 +41,9 @@ def vllm_version() -> str | None:
 def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """The model's weights under their Hugging Face checkpoint names, LoRA adapters merged
     (``W + scale * B @ A``): what vLLM loads. The trainer's tensors are not changed."""
-    skip: set[str] = set()
+    merged: tuple[str, ...] = ()  # "path." of each merged LoRA layer: its children are in it
     for path, module in model.named_modules():
-        if path in skip or any(path.startswith(s + ".") for s in skip):
+        if path.startswith(merged):
             continue
         if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):  # PEFT LoRA
             base = module.base_layer
@@ -52,7 +51,7 @@ def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
             yield f"{path}.weight", (base.weight + delta).detach()
             if getattr(base, "bias", None) is not None:
                 yield f"{path}.bias", base.bias.detach()
-            skip.add(path)
+            merged += (path + ".",)
             continue
         for leaf, param in module.named_parameters(recurse=False):
             yield f"{path}.{leaf}" if path else leaf, param.detach()
@@ -70,8 +69,7 @@ def _save_checkpoint(model: nn.Module, directory: Path) -> None:
             continue
         state[name] = tensor.contiguous().clone()
     save_file(state, str(directory / "model.safetensors"))
-    config_dict = config.to_dict()
-    (directory / "config.json").write_text(json.dumps(config_dict, indent=1, default=str))
+    config.save_pretrained(directory)
 
 
 class VLLMEngine:
@@ -129,7 +127,6 @@ class VLLMEngine:
     @torch.no_grad()
     def sync_weights(self, source: nn.Module) -> None:
         """Reload the trainer's weights (LoRA merged); perturbations take them as clean."""
-        self.perturbations.restore()  # reload over clean norms: never noise taken as clean
         self.llm.collective_rpc("reload_weights", kwargs={
             "weights_iterator": hf_state_dict(source), "is_checkpoint_format": True})
         lm_head = getattr(self.model, "lm_head", None)
