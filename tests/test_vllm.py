@@ -181,7 +181,7 @@ def test_vllm_sync_loads_the_trainers_new_weights(smollm2_engines):
 @pytest.mark.vllm
 def test_grpo_trains_with_the_vllm_backend_and_aqn_on(tmp_path):
     """A few GRPO steps on the tiny model, vLLM rolling out; AQN's proof of firing comes
-    from vLLM's modules, and the run's files are the same as with the HF engine."""
+    from vLLM's modules."""
     need_vllm()
     from aqn.rl.trainer import GRPOTrainer
 
