@@ -204,3 +204,50 @@ def test_grpo_trains_with_the_vllm_backend_and_aqn_on(tmp_path):
     assert all(row["training/rollout_probs_diff_max"] > 0 for row in lines)
     assert "rollout aqn (trainer.noise_injection.enabled; in validation: no): 9 modules" in \
         (trainer.run_dir / "plan.txt").read_text()
+
+
+@pytest.mark.vllm
+def test_verls_worker_extension_noises_vllms_norms_after_each_reload(tmp_path):
+    """aqn.integrations.verl's mixin, appended by vLLM itself to its worker (as verl's
+    ``engine_kwargs.vllm.worker_extension_cls`` does), driven through ``collective_rpc``."""
+    need_vllm()
+    from vllm import LLM
+    from vllm import SamplingParams as VLLMSampling
+
+    from aqn.integrations.verl_worker import CONFIG_KEY
+    from aqn.models import build_tiny
+
+    model, _ = build_tiny(seed=0)
+    model.save_pretrained(tmp_path)
+    block = {"enabled": True, "sigma_start": 0.05, "sigma_end": 0.05, "num_stages": 3,
+             "total_steps": 6, "seed": 1}
+    with torch.random.fork_rng(devices=[]):
+        llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32",
+                  max_model_len=64, enforce_eager=True, seed=0,
+                  worker_extension_cls="aqn.integrations.verl_worker.AQNNoiseMixin",
+                  additional_config={CONFIG_KEY: block})
+    vllm_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    norm = vllm_model.model.norm.weight
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    prompt = [{"prompt_token_ids": [5, 6, 7, 8]}]
+    greedy = VLLMSampling(max_tokens=8, temperature=0.0)
+
+    def sync():  # verl's sync, then the extension's hook, in the worker
+        llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": iter(state.items()), "is_checkpoint_format": True})
+        (metrics,) = llm.collective_rpc("aqn_after_weight_sync")
+        llm.reset_prefix_cache()
+        return metrics
+
+    clean_tokens = llm.generate(prompt, greedy)[0].outputs[0].token_ids
+    reports = [sync() for _ in range(3)]  # steps 0, 1: warm-up; step 2: sigma
+    assert [r["aqn/num_modules"] for r in reports] == [9, 9, 9]  # vLLM's RMSNorm x (2x4 + 1)
+    assert [r["aqn/sigma"] for r in reports] == [0.0, 0.0, 0.05]
+    assert reports[2]["aqn/effective_std"] == pytest.approx(0.05, rel=0.3)
+    delta = norm.detach().cpu() - state["model.norm.weight"]
+    assert (delta != 0).all()  # the noise is on vLLM's own module, after the reload
+    assert llm.generate(prompt, greedy)[0].outputs[0].token_ids != clean_tokens
+    llm.collective_rpc("aqn_set_step", kwargs={"step": 0})
+    assert sync()["aqn/sigma"] == 0.0  # the warm-up again: the clean weights, nothing kept
+    assert torch.equal(norm.detach().cpu(), state["model.norm.weight"])
+    assert llm.generate(prompt, greedy)[0].outputs[0].token_ids == clean_tokens

@@ -20,23 +20,24 @@ KEY = "trainer.noise_injection"
 
 
 def resolve_noise(noise: NoiseInjectionConfig | Mapping[str, Any], total_steps: int | None,
-                  seed: int | None) -> NoiseInjectionConfig:
+                  seed: int | None, key: str = KEY) -> NoiseInjectionConfig:
     """The AQN block as aqn resolves it (preset values, schedule length, seed), frozen.
 
     ``noise`` is the config or a mapping of its keys (an unknown or mistyped key is a
-    ConfigError naming ``trainer.noise_injection.<key>``); ``total_steps`` and ``seed`` fill
-    what the block leaves null, as ``trainer.total_training_steps`` and ``trainer.seed`` do.
+    ConfigError naming ``<key>.<name>``, ``trainer.noise_injection.<name>`` by default);
+    ``total_steps`` and ``seed`` fill what the block leaves null, as
+    ``trainer.total_training_steps`` and ``trainer.seed`` do.
     """
     if not isinstance(noise, NoiseInjectionConfig):
-        noise = build(NoiseInjectionConfig, dict(noise), KEY)
+        noise = build(NoiseInjectionConfig, dict(noise), key)
     resolved = noise.resolved(total_steps=total_steps, seed=seed)
     if resolved.enabled:
         for name in ("total_steps", "seed"):
             if getattr(resolved, name) is None:
                 raise ConfigError("unset, and the engine's config does not give it either",
-                                  f"{KEY}.{name}")
+                                  f"{key}.{name}")
         try:
             resolved.sigma_schedule()  # a schedule that cannot be built fails now
         except ConfigError as e:
-            raise e.under(KEY) from None
+            raise e.under(key) from None
     return resolved

@@ -1,0 +1,150 @@
+"""AQN in verl 0.9.1's rollout, with the seed's ``trainer.noise_injection`` block, no fork.
+
+    python -m aqn.integrations.verl <verl's overrides> \\
+        +trainer.noise_injection.enabled=true +trainer.noise_injection.preset=qerl \\
+        +trainer.noise_injection.seed=1 trainer.total_training_steps=200
+
+runs ``python -m verl.trainer.main_ppo`` with the ``trainer.noise_injection.*`` overrides
+taken out, resolved here by aqn's rules (preset, schedule length, seed: an unknown key or an
+unbuildable schedule stops the launch, naming the key) and frozen into two overrides of
+verl's vLLM engine: ``worker_extension_cls`` = ``AQNColocateWorkerExtension`` and
+``additional_config={aqn_noise: {...}}``. So the config is final before any worker starts
+(REFERENCE defect 6: verl's workers never see ``trainer.*``), and ``--print`` shows the
+command instead of running it.
+
+verl's rollout runs in vLLM worker processes, one per tensor-parallel rank. Each weight sync
+ends in verl's ``vLLMColocateWorkerExtension.update_weights_from_ipc`` in those processes; the
+extension here calls it, then puts the step's noise on vLLM's own ``RMSNorm`` modules
+(``verl_worker.AQNNoiseMixin``). Every rank draws the same noise (the seed depends on the step
+and the module path only), and norms the sync did not send keep their clean copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aqn.errors import ConfigError
+from aqn.integrations import KEY, resolve_noise
+from aqn.integrations.verl_worker import CONFIG_KEY, AQNNoiseMixin
+from aqn.noise import NoiseInjectionConfig
+
+VERL_BASE = "verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension"
+EXTENSION = "aqn.integrations.verl.AQNColocateWorkerExtension"
+ENGINE = "actor_rollout_ref.rollout.engine_kwargs.vllm"
+
+
+def make_extension(base: type) -> type:
+    """``base`` (verl's worker extension) with AQN after every weight sync."""
+
+    class AQNColocateWorkerExtension(AQNNoiseMixin, base):
+        def update_weights_from_ipc(self, *args: Any, **kwargs: Any) -> Any:
+            result = super().update_weights_from_ipc(*args, **kwargs)
+            self.aqn_after_weight_sync()  # after the last bucket and process_weights_after_loading
+            return result
+
+    AQNColocateWorkerExtension.__module__ = __name__
+    AQNColocateWorkerExtension.__qualname__ = "AQNColocateWorkerExtension"
+    return AQNColocateWorkerExtension
+
+
+def __getattr__(name: str) -> type:
+    # bound to verl's class on first use: the rest of this module needs neither verl nor vLLM
+    if name == "AQNColocateWorkerExtension":
+        module, _, cls = VERL_BASE.rpartition(".")
+        extension = make_extension(getattr(__import__(module, fromlist=[cls]), cls))
+        globals()[name] = extension
+        return extension
+    raise AttributeError(name)
+
+
+def hydra_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar (what verl's command line parses)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"not a finite number: {value}")
+        return repr(value)
+    if isinstance(value, str):
+        # Hydra unescapes only backslashes that precede a quote (the closing one included)
+        return "'" + re.sub(r"(\\*)('|$)", lambda m: 2 * m[1] + ("\\'" if m[2] else ""),
+                            value) + "'"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Sequence):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    raise TypeError(f"no Hydra literal for {type(value).__name__}")
+
+
+def frozen_block(config: NoiseInjectionConfig) -> dict[str, Any]:
+    """Every key of the resolved block, as plain values (tuples as lists, as Hydra reads them)."""
+    return dataclasses.asdict(config, dict_factory=lambda items: {
+        k: list(v) if isinstance(v, tuple) else v for k, v in items})
+
+
+def overrides(noise: NoiseInjectionConfig | Mapping[str, Any],
+              total_steps: int | None = None, seed: int | None = None) -> list[str]:
+    """The two verl overrides that carry the resolved AQN block into vLLM's workers."""
+    config = resolve_noise(noise, total_steps, seed)
+    block = {CONFIG_KEY: frozen_block(config)}
+    return [f"+{ENGINE}.worker_extension_cls={EXTENSION}",
+            f"+{ENGINE}.additional_config={hydra_value(block)}"]
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[dict[str, Any], list[str], int | None]:
+    """(the ``trainer.noise_injection`` block, the other overrides, total_training_steps)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # verl's own
+
+    parsed = OverridesParser.create().parse_overrides(list(argv))
+    block: dict[str, Any] = {}
+    rest: list[str] = []
+    total_steps = None
+    for text, override in zip(argv, parsed, strict=True):
+        key = override.key_or_group
+        if key.startswith(f"{KEY}."):
+            block[key.removeprefix(f"{KEY}.")] = override.value()
+            continue
+        if key.startswith(f"{ENGINE}.worker_extension_cls") or key.startswith(
+                f"{ENGINE}.additional_config"):
+            raise ConfigError("set by aqn.integrations.verl from trainer.noise_injection", key)
+        if key == "trainer.total_training_steps" and override.value() is not None:
+            total_steps = int(override.value())
+        rest.append(text)
+    return block, rest, total_steps
+
+
+def command(argv: Sequence[str]) -> list[str]:
+    """verl's command line for ``argv``, with the AQN block resolved and frozen."""
+    block, rest, total_steps = split_overrides(argv)
+    if not block.get("enabled", False):
+        return [sys.executable, "-m", "verl.trainer.main_ppo", *rest]
+    return [sys.executable, "-m", "verl.trainer.main_ppo", *rest,
+            *overrides(block, total_steps=total_steps)]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry_run = "--print" in argv
+    argv = [a for a in argv if a != "--print"]
+    try:
+        cmd = command(argv)
+    except ConfigError as e:
+        raise SystemExit(f"aqn.integrations.verl: {e}") from None
+    if dry_run:
+        print(" ".join(cmd))
+        return
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()
