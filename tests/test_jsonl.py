@@ -45,3 +45,15 @@ def test_empty_dataset(tmp_path, text):
 
 def test_data_error_is_value_error():
     assert issubclass(DataError, ValueError)
+
+
+def test_a_torn_last_line_is_left_out_only_when_asked(tmp_path):
+    path = _write(tmp_path, '{"a": 1}\n{"a": 2}\n{"a": 3, "b"')  # writer killed mid-line
+    assert load_jsonl(path, torn_tail_ok=True) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: ") + "malformed JSON"):
+        load_jsonl(path)
+    whole = _write(tmp_path, '{"a": 1}\n{"a": 2}')  # a complete last line without "\n"
+    assert load_jsonl(whole, torn_tail_ok=True) == [{"a": 1}, {"a": 2}]
+    bad = _write(tmp_path, '{"a": 1}\n{oops\n{"a": 3')  # only the last line may be torn
+    with pytest.raises(DataError, match=re.escape(f"{bad}:2: ")):
+        load_jsonl(bad, torn_tail_ok=True)

@@ -1,6 +1,8 @@
 """The report over a fixture of run directories whose accuracies are known exactly."""
 
+import importlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -270,3 +272,137 @@ def test_training_signal_table_and_plots(tmp_path):
     # columns: reward, sampled accuracy, zero-advantage groups, clip fraction, length
     assert "| baseline | 0.5 -> 0.5 | n/a | 0.9 -> 0 | n/a | n/a |" in r.markdown.splitlines()
     assert (tmp_path / "out" / "zero_adv.png").stat().st_size > 0
+
+
+# --- runs logged by verl and TRL, beside aqn's own ------------------------------------------
+
+
+def need_peer(module: str):
+    if os.environ.get("AQN_REQUIRE_PEERS") == "1":
+        return importlib.import_module(module)  # `make test` has the peers: no skipping
+    return pytest.importorskip(module)
+
+
+def verl_log(path: Path, accuracy: dict[int, float], monkeypatch, steps: int = STEPS) -> Path:
+    """A log written by verl 0.9.1's own FileLogger: validation at step 0 and at the steps
+    of ``accuracy`` (verl's gsm8k data source), training metrics (numpy, as verl's are) at
+    steps 1..steps, and a non-numeric value that the report leaves out."""
+    np = pytest.importorskip("numpy")
+    tracking = need_peer("verl.utils.tracking")
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(path))
+    logger = tracking.FileLogger("aqn", path.stem)
+    for step in range(steps + 1):
+        data = {}
+        if step:
+            data = {"critic/score/mean": np.float32(0.25 * step), "actor/entropy": 1.0 / step,
+                    "timing_s/step": 3.0, "actor/pg_clipfrac": np.float64(0.01),
+                    "training/rollout_probs_diff_mean": 0.004}
+        if step in accuracy:
+            data["val-core/openai/gsm8k/acc/mean@1"] = np.float64(accuracy[step])
+            data["val-aux/openai/gsm8k/acc/mean@4"] = 0.99  # not the headline n
+        data["note"] = "text"
+        logger.log(data=data, step=step)
+    logger.finish()
+    return path
+
+
+def test_verl_file_logs_are_runs_named_by_their_file(tmp_path, monkeypatch):
+    logs = tmp_path / "verl"
+    logs.mkdir()
+    verl_log(logs / "baseline-seed1.jsonl", {0: 0.30, 10: 0.40}, monkeypatch)
+    verl_log(logs / "baseline-seed2.jsonl", {0: 0.30, 10: 0.44}, monkeypatch)
+    verl_log(logs / "aqn-qerl-seed1.jsonl", {0: 0.30, 5: 0.5, 10: 0.60}, monkeypatch)
+    verl_log(logs / "aqn-qerl-seed2.jsonl", {0: 0.30, 10: 0.62}, monkeypatch)
+    runs = find_runs(sorted(logs.iterdir()))
+    assert [(r.name, r.engine) for r in runs] == [
+        ("aqn-qerl/seed1", "verl"), ("aqn-qerl/seed2", "verl"),
+        ("baseline/seed1", "verl"), ("baseline/seed2", "verl")]
+    aqn1 = runs[0]
+    assert aqn1.data_source == "openai/gsm8k"
+    assert aqn1.accuracy == {0: 0.30, 5: 0.5, 10: 0.60}
+    assert aqn1.series("critic/score/mean")[4] == 1.0 and "note" not in aqn1.metrics[1]
+    assert not aqn1.aqn_enabled  # verl's log carries no aqn/* metrics: not known
+    r = build_report(sorted(logs.iterdir()), tmp_path / "out")
+    assert r.baseline == "baseline" and r.learning.final_mean == pytest.approx(0.42)
+    [aqn_row] = r.rows[1:]
+    assert aqn_row.delta == pytest.approx(0.19) and aqn_row.n_seeds == 2
+    assert aqn_row.seeds.p_value is not None  # decided by the seed test (no per-item files)
+    assert "| aqn-qerl/seed1 | verl | unknown | openai/gsm8k | 10 | 60.00 |" in r.markdown
+    unknown = next(line for line in r.markdown.splitlines() if "is not known here" in line)
+    assert all(run.name in unknown for run in runs)
+
+
+def test_a_verl_log_beside_an_aqn_sweep_with_a_label(fixture_runs, tmp_path, monkeypatch):
+    log = verl_log(tmp_path / "cluster.jsonl", {0: 0.30, 10: 0.90}, monkeypatch)
+    runs = find_runs([fixture_runs[0], f"aqn/seed3={log}"])
+    [cluster] = [r for r in runs if r.logged_by == "verl"]
+    assert cluster.name == "aqn/seed3" and cluster.path == log
+    assert {r.engine for r in runs} == {"verl", "aqn (hf)"}
+    r = build_report([fixture_runs[0], f"aqn/seed3={log}"], tmp_path / "out")
+    aqn_row = next(row for row in r.rows if row.variant == "aqn")
+    assert aqn_row.n_seeds == 2 and aqn_row.final_mean == pytest.approx((0.80 + 0.90) / 2)
+    with pytest.raises(RunLoadError, match="a label names a verl or TRL log"):
+        find_runs([f"x={fixture_runs[1]}"])
+
+
+def test_a_torn_last_verl_line_is_left_out_and_a_bad_line_is_named(tmp_path, monkeypatch):
+    log = verl_log(tmp_path / "b-seed1.jsonl", {0: 0.3, 10: 0.4}, monkeypatch)
+    with open(log, "ab") as f:
+        f.write(b'{"step": 11, "data": {"critic/sc')  # killed mid-write
+    assert max(r["step"] for r in find_runs([log])[0].metrics) == 10
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:3] + [b'{"step": 3, "values": {}}\n'] + lines[3:-1]))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(log))}:4: not a verl file-logger"):
+        find_runs([log])
+    log.write_bytes(b"".join(lines[:2] + [b"{oops\n"]))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(log))}:3: malformed JSON"):
+        find_runs([log])
+
+
+def trl_output(root: Path, rewards: list[float], eval_rewards: dict[int, float],
+               aqn_sigma: float | None = None) -> Path:
+    """An output_dir as transformers' Trainer leaves it: checkpoint-<step>/trainer_state.json
+    written by its own TrainerState, with GRPOTrainer's metric names."""
+    transformers = need_peer("transformers")
+    for last in (2, len(rewards)):  # an older checkpoint too: the newest one is read
+        history = []
+        for step in range(1, last + 1):
+            row = {"loss": 0.1, "grad_norm": 1.5, "learning_rate": 1e-6, "epoch": 0.1 * step,
+                   "reward": rewards[step - 1], "reward_std": 0.2,
+                   "frac_reward_zero_std": 0.5, "entropy": 0.7, "clip_ratio/region_mean": 0.0,
+                   "completions/mean_length": 12.0, "step": step}
+            if aqn_sigma is not None:
+                row |= {"aqn/sigma": aqn_sigma, "aqn/effective_std": aqn_sigma,
+                        "aqn/frac_changed": 1.0, "aqn/swallowed": 0.0, "aqn/stage": 1.0}
+            history.append(row)
+            if step in eval_rewards:
+                history.append({"eval_reward": eval_rewards[step], "eval_loss": 0.0,
+                                "epoch": 0.1 * step, "step": step})
+        if 0 in eval_rewards:
+            history.insert(0, {"eval_reward": eval_rewards[0], "step": 0})
+        state = transformers.TrainerState(global_step=last, max_steps=len(rewards),
+                                          log_history=history)
+        (root / f"checkpoint-{last}").mkdir(parents=True, exist_ok=True)
+        state.save_to_json(str(root / f"checkpoint-{last}" / "trainer_state.json"))
+    return root
+
+
+def test_trl_outputs_are_runs_with_verls_names(tmp_path):
+    out = trl_output(tmp_path / "trl-aqn-seed4", [0.1, 0.2, 0.3, 0.4], {0: 0.25, 4: 0.5},
+                     aqn_sigma=0.01)
+    [run] = find_runs([out])
+    assert (run.name, run.engine, run.data_source) == ("trl-aqn/seed4", "trl", "trl-eval")
+    assert run.accuracy == {0: 0.25, 4: 0.5}  # eval_reward: 0/1 rewards make it accuracy
+    assert run.series("critic/score/mean") == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
+    assert run.series("actor/zero_adv_frac")[3] == 0.5 and run.series("reward_std")[1] == 0.2
+    assert run.aqn_enabled and run.series("aqn/sigma")[4] == 0.01
+    plain = trl_output(tmp_path / "plain", [0.1] * 4, {0: 0.25, 4: 0.3})
+    r = build_report([out, f"baseline={plain}"], tmp_path / "report")
+    assert r.baseline == "baseline" and not r.warnings
+    sigma = r.markdown[r.markdown.index("## 4."):]
+    assert "### trl-aqn (preset n/a)" in sigma and "| 1 | 0 | 0.01 | 0.01 | 1 |" in sigma
+    bad = tmp_path / "bad" / "trainer_state.json"
+    bad.parent.mkdir()
+    bad.write_text('{"log_history": [{"step": 1}, {"reward": 1.0}]}')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}: log_history\[1\] has no"):
+        find_runs([bad.parent])

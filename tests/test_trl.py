@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from aqn.errors import ConfigError, NoTargetsError
+from aqn.experiments.runs import find_runs
 from aqn.models import build_tiny
 
 pytestmark = pytest.mark.trl
@@ -99,6 +100,20 @@ def test_trl_noise_reaches_generation_and_never_the_training_weights(tmp_path):
         [r.effective_std for r in aqn.reports])
     aqn.remove()
     assert "_generate" not in vars(trainer)
+
+    # `aqn report` reads the run from TRL's own trainer_state.json, its noise included
+    from aqn.experiments.report import build_report
+
+    trainer.save_state()
+    report = build_report([f"trl-aqn={trainer.args.output_dir}"], tmp_path / "report")
+    [run] = find_runs([f"trl-aqn={trainer.args.output_dir}"])
+    assert (run.name, run.engine, run.aqn_enabled) == ("trl-aqn/seed0", "trl", True)
+    assert run.series("aqn/effective_std") == pytest.approx(
+        {row["step"]: row["aqn/effective_std"] for row in logged})
+    assert run.series("critic/score/mean") == {  # TRL's "reward", under verl's name
+        row["step"]: row["reward"] for row in trainer.state.log_history if "reward" in row}
+    assert not report.warnings
+    assert f"| 1 | 1 | {SIGMA:g} |" in report.markdown  # stage 1 from schedule step 1
 
 
 def run_plain_or_off(tmp_path, noise):

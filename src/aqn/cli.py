@@ -386,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables, significance and plots from run directories")
-    p.add_argument("paths", nargs="+", help="run or sweep directories")
+    p.add_argument("paths", nargs="+", help="run or sweep directories, verl file-logger "
+                   ".jsonl files, TRL output dirs (trainer_state.json); a foreign log may be "
+                   "labelled variant[/seedN]=path")
     p.add_argument("--out", help="output folder (default: <first path>/report)")
     p.add_argument("--baseline", help="the variant to compare against (default: baseline)")
     p.set_defaults(func=cmd_report)

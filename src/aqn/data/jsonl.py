@@ -9,21 +9,31 @@ class DataError(ValueError):
 
 
 def load_jsonl(path: str | Path, required_keys: tuple[str, ...] = (),
-               allow_empty: bool = False) -> list[dict]:
+               allow_empty: bool = False, torn_tail_ok: bool = False) -> list[dict]:
     """Read one JSON object per line, skipping blank lines.
 
     Raises DataError on a line that is not a JSON object, a row missing one of
     `required_keys`, or (unless `allow_empty`) a file with no rows.
     """
-    return [row for _, row in load_jsonl_lines(path, required_keys, allow_empty)]
+    return [row for _, row in load_jsonl_lines(path, required_keys, allow_empty, torn_tail_ok)]
 
 
 def load_jsonl_lines(path: str | Path, required_keys: tuple[str, ...] = (),
-                     allow_empty: bool = False) -> list[tuple[int, dict]]:
-    """``load_jsonl`` with the line number of each row, for errors that name it."""
+                     allow_empty: bool = False, torn_tail_ok: bool = False
+                     ) -> list[tuple[int, dict]]:
+    """``load_jsonl`` with the line number of each row, for errors that name it.
+
+    ``torn_tail_ok``: a last line without its newline that does not parse (a log whose
+    writer was killed, or is still writing) is left out instead of raising.
+    """
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if torn_tail_ok and not raw.endswith(b"\n"):
+                try:
+                    json.loads(raw)
+                except ValueError:
+                    break
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -179,15 +179,15 @@ def _write_plots(groups: dict[str, dict[int, RunData]], out_dir: Path) -> None:
 def _runs_section(runs: list[RunData], groups: dict[str, dict[int, RunData]]) -> list[Block]:
     used = {id(r) for g in groups.values() for r in g.values()}
     rows = [
-        [r.name, r.status, r.data_source or "n/a",
+        [r.name, r.engine, r.status, r.data_source or "n/a",
          "n/a" if r.final_step is None else str(r.final_step),
          fmt_pct(r.accuracy.get(r.final_step)), machine_label(r.machine), str(r.path)]
         for r in runs
     ]
     blocks: list[Block] = [
         Heading("Runs"),
-        Table(["run", "status", "data source", "final step", "final acc %", "machine",
-                "path"], rows),
+        Table(["run", "logged by", "status", "data source", "final step", "final acc %",
+                "machine", "path"], rows),
     ]
     dups = [r for r in runs if r.status != "failed" and id(r) not in used]
     if dups:
@@ -292,6 +292,13 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
               "measured std of the applied noise and of the fraction of weights it changed."),
     ]
     blocks += [Alert(w) for w in warnings]
+    unseen = [r.name for runs in groups.values() for r in runs.values()
+              if r.logged_by != "aqn" and not r.aqn_enabled]
+    if unseen:
+        blocks.append(Text(
+            "Read from a verl or TRL log without aqn/* metrics, so whether noise was applied "
+            f"is not known here: {', '.join(unseen)} (verl's logger does not carry the "
+            "worker's aqn/* metrics; aqn.integrations.trl logs them through TRL)."))
     for variant, runs in groups.items():
         if not any(r.aqn_enabled for r in runs.values()):
             continue

@@ -13,6 +13,7 @@ import yaml
 
 from aqn import metric_keys as keys
 from aqn.data.jsonl import load_jsonl
+from aqn.experiments import foreign
 
 _VAL_FILE = re.compile(r"step_(\d+)\.jsonl")
 
@@ -36,6 +37,7 @@ class RunData:
     machine: dict[str, Any]  # machine.json, {} when missing
     data_source: str | None
     accuracy: dict[int, float] = field(default_factory=dict)  # validation step -> accuracy
+    logged_by: str = "aqn"  # or "verl" / "trl": a run read from that framework's log
 
     @property
     def name(self) -> str:
@@ -43,7 +45,16 @@ class RunData:
 
     @property
     def aqn_enabled(self) -> bool:
+        if self.logged_by != "aqn":  # no aqn config: the log shows whether noise was applied
+            return any(k.startswith("aqn/") for row in self.metrics for k in row)
         return bool(self.setting("trainer.noise_injection.enabled", False))
+
+    @property
+    def engine(self) -> str:
+        """Who logged the run and, for aqn's, its rollout engine: "aqn (hf)", "verl"."""
+        if self.logged_by != "aqn":
+            return self.logged_by
+        return f"aqn ({self.setting('actor_rollout_ref.rollout.name', 'hf')})"
 
     def setting(self, dotted: str, default: Any = None) -> Any:
         """A config value by dotted key, e.g. "trainer.noise_injection.preset"."""
@@ -76,8 +87,9 @@ def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; [] when it is missing (a run that failed early)."""
-    return load_jsonl(path, allow_empty=True) if path.exists() else []
+    """Rows of a JSONL file; [] when it is missing (a run that failed early). A torn last
+    line (the run was killed mid-write, or is still writing) is left out."""
+    return load_jsonl(path, allow_empty=True, torn_tail_ok=True) if path.exists() else []
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -89,10 +101,28 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise RunLoadError(f"{path}: malformed JSON: {e.msg}") from e
 
 
-def _data_source(metrics: list[dict[str, Any]], n: int) -> str | None:
-    sources = sorted({m["source"] for row in metrics for key in row
-                      if (m := keys.VAL_CORE.fullmatch(key)) and int(m["n"]) == n})
-    return sources[0] if sources else None
+def _data_source(metrics: list[dict[str, Any]], n: int | None) -> tuple[str | None, int]:
+    """The validation data source (the first by name) of the val-core/* metrics over ``n``
+    completions per item; ``n=None`` takes the smallest n logged (a foreign run)."""
+    found = sorted((int(m["n"]), m["source"]) for row in metrics for key in row
+                   if (m := keys.VAL_CORE.fullmatch(key)) and n in (None, int(m["n"])))
+    return (found[0][1], found[0][0]) if found else (None, n or 1)
+
+
+def _score(run: RunData, val_n: int | None) -> RunData:
+    """Fill ``data_source`` and ``accuracy`` from the metrics and the per-item files."""
+    run.data_source, val_n = _data_source(run.metrics, val_n)
+    if run.data_source is not None:
+        # accuracy (fraction correct) equals the mean reward for 0/1 rewards, not for qerl's
+        run.accuracy = (run.series(keys.val_core(run.data_source, "acc", val_n))
+                        or run.series(keys.val_core(run.data_source, "reward", val_n)))
+    # Steps whose per-item file exists but whose metric row is missing (a run cut off
+    # between writing the two) still count, scored the same way as the metric.
+    for step, items in run.val.items():
+        if step not in run.accuracy and items:
+            run.accuracy[step] = sum(bool(it["correct"]) for it in items) / len(items)
+    run.accuracy = dict(sorted(run.accuracy.items()))
+    return run
 
 
 def load_run(path: str | Path) -> RunData:
@@ -113,8 +143,6 @@ def load_run(path: str | Path) -> RunData:
             if m:
                 val[int(m.group(1))] = _read_jsonl(f)
     run_info = _read_json(path / "run.json")
-    val_n = int(_get(config, "actor_rollout_ref.rollout.val_kwargs.n", 1))
-    data_source = _data_source(metrics, val_n)
     run = RunData(
         path=path,
         variant=str(run_info.get("variant") or _get(config, "trainer.experiment_name", path.name)),
@@ -125,39 +153,65 @@ def load_run(path: str | Path) -> RunData:
         metrics=metrics,
         val=dict(sorted(val.items())),
         machine=_read_json(path / "machine.json"),
-        data_source=data_source,
+        data_source=None,
     )
-    if data_source is not None:
-        # accuracy (fraction correct) equals the mean reward for 0/1 rewards, not for qerl's
-        run.accuracy = (run.series(keys.val_core(data_source, "acc", val_n))
-                        or run.series(keys.val_core(data_source, "reward", val_n)))
-    # Steps whose per-item file exists but whose metric row is missing (a run cut off
-    # between writing the two) still count, scored the same way as the metric.
-    for step, items in run.val.items():
-        if step not in run.accuracy and items:
-            run.accuracy[step] = sum(bool(it["correct"]) for it in items) / len(items)
-    run.accuracy = dict(sorted(run.accuracy.items()))
-    return run
+    return _score(run, int(_get(config, "actor_rollout_ref.rollout.val_kwargs.n", 1)))
+
+
+def load_foreign_run(path: Path, variant: str | None = None, seed: int | None = None
+                     ) -> RunData | None:
+    """A run logged by verl (its file logger's JSONL) or TRL (trainer_state.json, or a
+    directory holding one or checkpoint-*/ with one); None when ``path`` is neither."""
+    if foreign.is_verl_log(path):
+        logged_by, metrics, stem = foreign.VERL, foreign.read_verl_log(path), path.stem
+    elif (state := foreign.trl_state_file(path)) is not None:
+        # the run's name is its output_dir's (the folder above checkpoint-<step>/)
+        run_dir = state.parent.parent if state.parent.name.startswith("checkpoint-") \
+            else state.parent
+        logged_by, metrics, stem = foreign.TRL, foreign.read_trl_state(state), run_dir.name
+    else:
+        return None
+    variant, seed = foreign.name_and_seed(stem, variant, seed)
+    run = RunData(path=path, variant=variant, seed=seed, status="unknown", error=None,
+                  config={}, metrics=metrics, val={}, machine={}, data_source=None,
+                  logged_by=logged_by)
+    return _score(run, None)
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunData]:
     """Load every run under ``paths``, sorted by (variant, seed, path).
 
     A path holding a config.yaml is a run; otherwise each immediate subdirectory holding
-    one is (a sweep directory). A path given twice is loaded once.
+    one is (a sweep directory). A verl file-logger JSONL or a TRL output is a foreign run,
+    named by a label (``variant[/seedN]=path``) or by its file name. A path given twice is
+    loaded once.
     """
     run_dirs: list[Path] = []
-    for p in map(Path, paths):
+    foreign_runs: dict[Path, RunData] = {}
+    for arg in paths:
+        variant, seed, p = foreign.split_label(str(arg))
+        p = Path(p)
+        if not p.exists():
+            raise RunLoadError(f"{p}: no such file or directory")
+        run = None if (p / "config.yaml").is_file() else load_foreign_run(p, variant, seed)
+        if run is not None:
+            foreign_runs.setdefault(p.resolve(), run)
+            continue
+        if variant is not None:
+            raise RunLoadError(f"{arg}: a label names a verl or TRL log; {p} is an aqn run "
+                               "directory (its variant and seed are in its run.json)")
         if not p.is_dir():
-            raise RunLoadError(f"{p}: not a directory")
+            raise RunLoadError(f"{p}: not a run directory, a verl file-logger .jsonl or a "
+                               f"TRL {foreign.TRL_STATE}")
         found = [p] if (p / "config.yaml").is_file() else sorted(
             d for d in p.iterdir() if d.is_dir() and (d / "config.yaml").is_file()
         )
         if not found:
             raise RunLoadError(
-                f"{p}: no run found (no config.yaml in it or in its immediate subdirectories)"
+                f"{p}: no run found (no config.yaml in it or in its immediate subdirectories, "
+                f"and no verl .jsonl or TRL {foreign.TRL_STATE})"
             )
         run_dirs.extend(found)
     unique = list(dict.fromkeys(d.resolve() for d in run_dirs))
-    runs = [load_run(d) for d in unique]
+    runs = [load_run(d) for d in unique] + list(foreign_runs.values())
     return sorted(runs, key=lambda r: (r.variant, r.seed, str(r.path)))
