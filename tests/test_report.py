@@ -65,6 +65,7 @@ def write_run(
             row |= {
                 "aqn/stage": float(stage),
                 "aqn/sigma": sigma,
+                "aqn/num_modules": 9.0,
                 "aqn/effective_std": sigma if fine else 0.0,
                 "aqn/drawn_std": sigma,
                 "aqn/frac_changed": (1.0 if fine else 0.0) if sigma else 0.0,
@@ -226,8 +227,8 @@ def test_sigma_schedule_from_metrics(report):
     md = report.markdown
     section = md[md.index("### aqn"):md.index("### tiny")]
     # schedule steps are 0-based: the metrics row of step s is logged as s + 1
-    assert "| 0 | 0 | 0 | 0 | 0 |" in section
-    assert "| 1 | 5 | 0.01 | 0.01 | 1 |" in section
+    assert "| 0 | 0 | 0 | 0 | 0 | 9 |" in section
+    assert "| 1 | 5 | 0.01 | 0.01 | 1 | 9 |" in section
 
 
 def test_failed_run_listed(report):

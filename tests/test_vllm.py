@@ -251,3 +251,40 @@ def test_verls_worker_extension_noises_vllms_norms_after_each_reload(tmp_path):
     assert sync()["aqn/sigma"] == 0.0  # the warm-up again: the clean weights, nothing kept
     assert torch.equal(norm.detach().cpu(), state["model.norm.weight"])
     assert llm.generate(prompt, greedy)[0].outputs[0].token_ids == clean_tokens
+
+
+@pytest.mark.vllm
+def test_smollm2_trains_with_the_vllm_backend_and_the_report_reads_vllms_counts(tmp_path):
+    """The must-show: SmolLM2-135M trains 2 GRPO steps with vLLM rolling out and AQN on, and
+    the report's "noise actually applied" sections read vLLM's modules: 61 RMSNorms (2 x 30
+    layers + the final norm), each changed by the noise."""
+    need_vllm()
+    from aqn.experiments.report import build_report
+    from aqn.rl.trainer import GRPOTrainer
+
+    cfg = load_config("smollm2-arith", [
+        f"trainer.default_local_dir={tmp_path}", "actor_rollout_ref.rollout.name=vllm", *AQN_ON,
+        # a 3-stage schedule over 3 steps, 2 of them run: the warm-up, then sigma 0.05
+        "trainer.noise_injection.num_stages=3", "trainer.noise_injection.total_steps=3",
+        "trainer.total_training_steps=2", "trainer.test_freq=2", "trainer.save_freq=2",
+        "data.train_batch_size=2", "actor_rollout_ref.rollout.n=2",
+        "data.max_response_length=16", "data.max_val_samples=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size=4"])
+    trainer = GRPOTrainer(cfg)
+    assert type(trainer.engine).__name__ == "VLLMEngine"
+    trainer.fit()
+    trainer.engine.close()
+    report = build_report([trainer.run_dir], tmp_path / "report")
+    md = report.markdown
+    assert not report.warnings and "| smollm2-arith/seed1 | aqn (vllm) |" in md
+    applied = md[md.index("## 4. AQN noise actually applied"):md.index("## 4a.")]
+    # stage 0 (step 0) is the warm-up, stage 1 (step 1) carries sigma 0.05; both target
+    # 61 of vLLM's RMSNorm modules
+    stages = [line.strip("|").split("|") for line in applied.splitlines()
+              if line.startswith(("| 0 | 0 |", "| 1 | 1 |"))]
+    assert [[float(c) for c in row] for row in stages] == [
+        [0, 0, 0, 0, 0, 61], [1, 1, 0.05, pytest.approx(0.05, rel=0.2), 1, 61]]
+    lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    noisy = [row for row in lines if row.get("aqn/sigma")]
+    assert [row["perturb/aqn/modules"] for row in noisy] == [61]  # the proof of firing
+    assert noisy[0]["perturb/aqn/elements_changed"] == noisy[0]["perturb/aqn/elements"] > 0

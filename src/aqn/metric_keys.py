@@ -47,6 +47,7 @@ PROBS_DIFF = "training/rollout_probs_diff_mean"
 # AQN (aqn.noise.injector writes them, the report reads them)
 AQN_STEP = "aqn/step"
 AQN_SIGMA = "aqn/sigma"
+AQN_NUM_MODULES = "aqn/num_modules"  # the norms the injector targets, counted on the model
 AQN_STAGE = "aqn/stage"
 AQN_EFFECTIVE_STD = "aqn/effective_std"
 AQN_FRAC_CHANGED = "aqn/frac_changed"

@@ -289,7 +289,9 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
         Heading("4. AQN noise actually applied"),
         Text("Read from the aqn/* metrics of each step (not recomputed from the config): "
               "per stage, the first step, sigma, and the mean over steps and seeds of the "
-              "measured std of the applied noise and of the fraction of weights it changed."),
+              "measured std of the applied noise, of the fraction of weights it changed and "
+              "of the number of modules it targets (counted on the engine's model: vLLM's "
+              "own with name=vllm)."),
     ]
     blocks += [Alert(w) for w in warnings]
     unseen = [r.name for runs in groups.values() for r in runs.values()
@@ -309,11 +311,13 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
                 if row.get("aqn/stage") is None:
                     continue
                 st = stages.setdefault(int(row["aqn/stage"]), {"step": [], "sigma": [],
-                                                                "eff": [], "frac": []})
+                                                                "eff": [], "frac": [],
+                                                                "modules": []})
                 # the schedule's step (0-based); a metrics row is logged as that step + 1
                 st["step"].append(int(row.get("aqn/step", row["step"] - 1)))
                 for name, key in (("sigma", "aqn/sigma"), ("eff", "aqn/effective_std"),
-                                  ("frac", "aqn/frac_changed")):
+                                  ("frac", "aqn/frac_changed"),
+                                  ("modules", keys.AQN_NUM_MODULES)):
                     if row.get(key) is not None:
                         st[name].append(row[key])
         blocks.append(Heading(f"{variant} (preset {preset})", 3))
@@ -322,9 +326,10 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
             continue
         blocks.append(Table(
             ["stage", "from schedule step", "sigma", "mean effective std",
-             "mean frac changed"],
+             "mean frac changed", "modules"],
             [[str(k), str(min(st["step"])), fmt_num(avg(st["sigma"])), fmt_num(avg(st["eff"])),
-              fmt_num(avg(st["frac"]))] for k, st in sorted(stages.items())],
+              fmt_num(avg(st["frac"])), fmt_num(avg(st["modules"]))]
+             for k, st in sorted(stages.items())],
         ))
         blocks += _aqn_layer_table(runs)
     blocks.append(Image("sigma.png", "aqn/sigma per step (thin: seeds, thick: seed mean)"))

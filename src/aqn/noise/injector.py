@@ -77,7 +77,7 @@ class NoiseReport:
             keys.AQN_STEP: float(self.step),  # the schedule's step: metrics row step - 1
             keys.AQN_SIGMA: self.sigma,
             keys.AQN_STAGE: float(self.stage),
-            "aqn/num_modules": float(self.num_modules),
+            keys.AQN_NUM_MODULES: float(self.num_modules),
             keys.AQN_EFFECTIVE_STD: self.effective_std,
             keys.AQN_FRAC_CHANGED: self.frac_changed,
             "aqn/drawn_std": self.drawn_std,
