@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from aqn.errors import NoTargetsError
+from aqn.firing import NotFiredError
 from aqn.quant import (
     FORMATS,
+    LoadTimeWeightQuantizer,
     WeightQuantizer,
     fake_quantize,
     quantize_model,
@@ -258,6 +260,48 @@ def test_weight_quantizer_apply_restore_refresh(tiny):
     assert torch.equal(params[down], fake_quantize(clean[down] * 1.5, "int4"))
     wq.restore()
     assert torch.equal(params[down], clean[down] * 1.5)
+
+
+def test_load_time_quantizer_streams_what_the_hf_engines_quantizer_writes(tiny):
+    """vLLM's quantized rollout: the weights its sync streams (LoRA merged) are those of an hf
+    engine copy after WeightQuantizer, bit for bit: Q(base) + the full-precision delta."""
+    from aqn.models.lora import apply_lora
+    from aqn.rollout.vllm import hf_state_dict
+
+    model, _ = tiny
+    apply_lora(model, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():  # nonzero adapters (B starts at 0), so the merge order matters
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    trainer = {n: t.clone() for n, t in hf_state_dict(model)}
+    engine_copy = copy.deepcopy(model)
+    hf_quant = WeightQuantizer(engine_copy, "nvfp4")
+    hf_metrics = hf_quant.apply(0)
+    quant = LoadTimeWeightQuantizer(model, "nvfp4")
+    assert quant.targets == hf_quant.targets and any("base_layer" in t for t in quant.targets)
+    loaded = dict(hf_state_dict(model, quant.quantize))
+    quant.refresh()
+    expected = dict(hf_state_dict(engine_copy))
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert quant.apply(0) == hf_metrics and quant.apply(1) == hf_metrics
+    firing = quant.firing()
+    assert firing.modules == set(quant.targets) and 0 < firing.num_changed <= firing.elements
+    for name, tensor in hf_state_dict(model):  # the trainer's weights are not touched
+        assert torch.equal(tensor, trainer[name]), name
+    assert any(not torch.equal(loaded[n], trainer[n]) for n in trainer)
+    quant.restore()  # a no-op: the loaded values stay until the next sync
+    assert quant.apply(2) == hf_metrics and quant.writes() == []
+
+    partial = LoadTimeWeightQuantizer(model, "nvfp4")  # a sync that skipped a target
+    for path, module in select_linears(model)[:2]:
+        partial.quantize(path, module.weight.detach())
+    with pytest.raises(NotFiredError, match="did not load 26 targeted weights"):
+        partial.refresh()
+    with pytest.raises(RuntimeError, match="before the engine's first sync"):
+        LoadTimeWeightQuantizer(model, "nvfp4").apply(0)
 
 
 def test_weight_quantizer_in_the_rollout_engine(tiny):

@@ -44,7 +44,6 @@ def rows(batch) -> list[list[int]]:
 
 @pytest.mark.parametrize("override,key", [
     ("actor_rollout_ref.rollout.numerics=npu-like", "actor_rollout_ref.rollout.numerics"),
-    ("actor_rollout_ref.rollout.quantization=nvfp4", "actor_rollout_ref.rollout.quantization"),
     ("actor_rollout_ref.rollout.op_noise.scale=0.01", "actor_rollout_ref.rollout.op_noise"),
     ("actor_rollout_ref.rollout.activation_noise=0.01",
      "actor_rollout_ref.rollout.activation_noise"),
@@ -179,13 +178,45 @@ def test_vllm_sync_loads_the_trainers_new_weights(smollm2_engines):
 
 
 @pytest.mark.vllm
+def test_vllm_quantized_rollout_loads_the_hf_engines_quantized_weights(smollm2_engines,
+                                                                       tmp_path):
+    """quantization=nvfp4 on vLLM: each sync loads Q(w) for the Linear weights the hf engine
+    quantizes (its metrics are the hf engine's, to the bit), and greedy output follows."""
+    policy, _, clean_engine, prompts = smollm2_engines
+    from aqn.rl.builder import build_engine
+
+    base = [f"trainer.default_local_dir={tmp_path}", "actor_rollout_ref.rollout.quantization"
+            "=nvfp4"]
+    engines = {name: build_engine(load_config("smollm2-arith", [
+        *base, f"actor_rollout_ref.rollout.name={name}"]), policy) for name in ("hf", "vllm")}
+    try:
+        out, metrics = {}, {}
+        for name, engine in engines.items():
+            engine.sync_weights(policy.model)
+            metrics[name] = engine.perturbations.apply(0)
+            out[name] = engine.generate(prompts, GREEDY, recompute_logprobs=False)
+            metrics[name] |= engine.perturbations.check_firing("rollout")
+        assert metrics["vllm"] == metrics["hf"]  # rel_l2, sqnr, 210 layers, elements changed
+        assert metrics["vllm"]["quant/num_layers"] == 210  # 7 Linears x 30 layers
+        same = sum(a == b for a, b in zip(rows(out["vllm"]), rows(out["hf"]), strict=True))
+        clean_engine.perturbations.restore()
+        clean = clean_engine.generate(prompts, GREEDY)
+        moved = sum(a != b for a, b in zip(rows(out["vllm"]), rows(clean), strict=True))
+        print(f"nvfp4 greedy rows: vLLM = hf engine {same}/16; vLLM quantized != clean {moved}")
+        assert same >= 14 and moved >= 4
+    finally:  # closing a second engine tears down the process's vLLM state: tests using
+        engines["vllm"].close()  # the shared engines come before this one
+
+
+@pytest.mark.vllm
 def test_grpo_trains_with_the_vllm_backend_and_aqn_on(tmp_path):
-    """A few GRPO steps on the tiny model, vLLM rolling out; AQN's proof of firing comes
-    from vLLM's modules."""
+    """A few GRPO steps on the tiny model, vLLM rolling out an NVFP4 copy; AQN's proof of
+    firing comes from vLLM's modules, quantization's from the weights each sync loaded."""
     need_vllm()
     from aqn.rl.trainer import GRPOTrainer
 
     cfg = smoke(tmp_path, "actor_rollout_ref.rollout.name=vllm", *AQN_ON,
+                "actor_rollout_ref.rollout.quantization=nvfp4",
                 "trainer.total_training_steps=3", "trainer.test_freq=3", "trainer.save_freq=3",
                 "trainer.noise_injection.total_steps=3")
     trainer = GRPOTrainer(cfg)
@@ -202,8 +233,13 @@ def test_grpo_trains_with_the_vllm_backend_and_aqn_on(tmp_path):
         assert row["aqn/effective_std"] > 0.04
     # the rollout-vs-training mismatch is measured against vLLM's own log-probs (not skipped)
     assert all(row["training/rollout_probs_diff_max"] > 0 for row in lines)
-    assert "rollout aqn (trainer.noise_injection.enabled; in validation: no): 9 modules" in \
-        (trainer.run_dir / "plan.txt").read_text()
+    plan = (trainer.run_dir / "plan.txt").read_text()
+    assert "rollout aqn (trainer.noise_injection.enabled; in validation: no): 9 modules" in plan
+    assert "rollout quant (actor_rollout_ref.rollout.quantization; in validation: yes): 28 " \
+        "modules" in plan  # 7 Linears x 4 layers, lm_head and embeddings left alone
+    for row in lines:
+        assert row["quant/num_layers"] == 28 and 0.05 < row["quant/rel_l2"] < 0.2
+        assert row["perturb/quant/modules"] == 28 and row["perturb/quant/elements_changed"] > 0
 
 
 @pytest.mark.vllm

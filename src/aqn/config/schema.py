@@ -227,11 +227,11 @@ class RolloutConfig:
             raise ConfigError(f"must be in (0, 1], got {self.top_p}", "top_p")
 
     def _check_vllm(self) -> None:
-        # What vLLM's own modules can carry: in place on its RMSNorm weights (AQN). Its Linear
-        # layers are packed into oneDNN / CUDA kernels that Python hooks and in-place weight
-        # edits do not reach, so the hooked perturbations stay on the hf engine.
-        hooked = {"quantization": self.quantization is not None,
-                  "activation_quantization": self.activation_quantization is not None,
+        # What vLLM's own modules can carry: in place on its RMSNorm weights (AQN), and weight
+        # quantization in the weights each sync loads. Its Linear layers are packed into
+        # oneDNN / CUDA kernels that Python hooks and in-place weight edits do not reach, so
+        # the hooked perturbations stay on the hf engine.
+        hooked = {"activation_quantization": self.activation_quantization is not None,
                   "numerics": self.numerics != "reference",
                   "op_noise": self.op_noise.enabled,
                   "activation_noise": self.activation_noise > 0}
@@ -241,7 +241,7 @@ class RolloutConfig:
                     "is not supported with name=vllm: it acts on Linear modules (hooks or "
                     "in-place weights) that vLLM replaces by packed kernels; run it on the "
                     "hf engine (name=hf). AQN (trainer.noise_injection) works on vLLM's own "
-                    "RMSNorm modules", key)
+                    "RMSNorm modules, weight quantization on the weights vLLM loads", key)
         # vLLM's sampled-token log-probs are renormalized over the top-k / top-p set; aqn
         # and verl score log_softmax(logits / T) over the whole vocabulary
         if self.top_k > 0 or self.top_p < 1:

@@ -195,12 +195,13 @@ def spec_of(perturbation: Perturbation) -> PerturbationSpec:
                          f"{', '.join(SPECS)})") from None
 
 
-def build_perturbations(model: nn.Module, cfg: AQNConfig, side: Side = "rollout"
-                        ) -> list[Perturbation]:
-    """The perturbations of ``side`` that ``cfg`` turns on, built on ``model``, in order."""
+def build_perturbations(model: nn.Module, cfg: AQNConfig, side: Side = "rollout",
+                        skip: Sequence[str] = ()) -> list[Perturbation]:
+    """The perturbations of ``side`` that ``cfg`` turns on, built on ``model``, in order;
+    ``skip``: names the engine builds itself (vLLM's load-time quantization)."""
     built = []
     for spec in REGISTRY:
-        if spec.side == side and spec.enabled(cfg):
+        if spec.side == side and spec.enabled(cfg) and spec.name not in skip:
             perturbation = spec.build(model, cfg)
             perturbation.name = spec.name  # one kernel class may serve several entries
             built.append(perturbation)

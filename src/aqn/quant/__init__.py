@@ -6,13 +6,20 @@ torchao (the optional extra ``quant``) is only the reference in tests and benchm
 
 from aqn.errors import NoTargetsError
 from aqn.quant.formats import FORMATS, check_format, fake_quantize, round_e2m1, round_e4m3
-from aqn.quant.model import DEFAULT_EXCLUDE, WeightQuantizer, quantize_model, select_linears
+from aqn.quant.model import (
+    DEFAULT_EXCLUDE,
+    LoadTimeWeightQuantizer,
+    WeightQuantizer,
+    quantize_model,
+    select_linears,
+)
 from aqn.quant.report import LayerError, QuantReport
 
 __all__ = [
     "DEFAULT_EXCLUDE",
     "FORMATS",
     "LayerError",
+    "LoadTimeWeightQuantizer",
     "NoTargetsError",
     "QuantReport",
     "WeightQuantizer",

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from aqn.errors import NoTargetsError
-from aqn.firing import Firing
+from aqn.firing import Firing, NotFiredError
 from aqn.modules import path_matches
 from aqn.quant.formats import check_format, fake_quantize
 from aqn.quant.report import LayerError, QuantReport
@@ -156,3 +156,68 @@ class WeightQuantizer:
         for i, ((_, module), clean) in enumerate(zip(self._targets, self._clean, strict=True)):
             module.weight.copy_(clean)
             self._written[i] = None
+
+
+class LoadTimeWeightQuantizer:
+    """Fake weight quantization of the weights an engine loads, for an engine whose Linear
+    weights cannot be written once loaded (vLLM packs them into oneDNN / CUDA kernels).
+
+    The engine calls it on each Linear weight of the trainer's model while it streams them
+    in at a sync (``quantize(path, weight)``, the module paths of ``source``), so the engine
+    holds ``Q(w)`` for the targets, with ``WeightQuantizer``'s targets and values. A LoRA
+    layer's base weight is quantized before its (full-precision) delta is added, as on the
+    hf engine. Quantization stays in validation (``in_validation``), so every use of the
+    engine wants it on: ``apply`` reports the last sync's quantization and ``restore`` leaves
+    it (the engine holds no clean copy to put back).
+    """
+
+    name = "quant"
+
+    def __init__(self, source: nn.Module, fmt: str, include: Sequence[str] = (),
+                 exclude: Sequence[str] = DEFAULT_EXCLUDE) -> None:
+        self.fmt = check_format(fmt)
+        self.targets = [path for path, _ in select_linears(source, include, exclude)]
+        self._targets = set(self.targets)
+        self._loading: list[LayerError] = []
+        self._firing = Firing.empty()
+        self.last_report: QuantReport | None = None  # of the weights the engine holds
+        self.last = Firing.empty()
+
+    @property
+    def num_params(self) -> int:
+        return 0 if self.last_report is None else self.last_report.num_params
+
+    @torch.no_grad()
+    def quantize(self, path: str, weight: Tensor) -> Tensor:
+        """The weight to load for the module at ``path``: Q(weight) for a target."""
+        if path not in self._targets:
+            return weight
+        q = fake_quantize(weight, self.fmt)
+        self._loading.append(LayerError.measure(path, weight, q))
+        self._firing.modules.add(path)
+        self._firing.elements += q.numel()
+        self._firing.changed += int((q != weight).sum())
+        return q
+
+    def refresh(self) -> None:
+        """The sync is done: what it quantized is what the engine now holds."""
+        missed = self._targets - self._firing.modules
+        if missed:  # a target the sync did not stream would hold clean weights
+            raise NotFiredError(f"weight quantization: the engine's sync did not load "
+                                f"{len(missed)} targeted weights, e.g. {sorted(missed)[:3]}")
+        self.last_report = QuantReport(self.fmt, tuple(self._loading))
+        self.last, self._firing, self._loading = self._firing, Firing.empty(), []
+
+    def apply(self, step: int) -> dict[str, float]:
+        if self.last_report is None:
+            raise RuntimeError("weight quantization applied before the engine's first sync")
+        return self.last_report.metrics()
+
+    def firing(self) -> Firing:
+        return self.last  # the weights the last sync quantized, and how many moved
+
+    def writes(self) -> list[Tensor]:
+        return []  # it writes nothing in the engine's model: the sync loads its values
+
+    def restore(self) -> None:
+        pass  # in the loaded weights until the next sync (see the class docstring)

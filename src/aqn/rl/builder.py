@@ -19,8 +19,8 @@ from aqn.config import AQNConfig
 from aqn.errors import ConfigError
 from aqn.models import enable_activation_checkpointing, load_model, stop_token_ids
 from aqn.models.lora import apply_lora, trainable_summary
-from aqn.perturb import Perturbations, build_perturbations
-from aqn.quant import quantize_model
+from aqn.perturb import SPECS, Perturbations, build_perturbations
+from aqn.quant import LoadTimeWeightQuantizer, quantize_model
 from aqn.rollout.hf import HFEngine, parameter_slots
 
 if TYPE_CHECKING:
@@ -109,12 +109,17 @@ def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
     from aqn.rollout.vllm import VLLMEngine
 
     rollout = cfg.actor_rollout_ref.rollout
+    # vLLM packs its Linear weights at load: they are quantized in the stream of each sync,
+    # selected on the trainer's model (the registry's "quant" entry, with its names)
+    quantizer = (LoadTimeWeightQuantizer(policy.model, rollout.quantization)
+                 if SPECS["quant"].enabled(cfg) else None)
     engine = VLLMEngine(
         policy.model,
         pad_token_id=policy.tokenizer.pad_token_id,
         stop_token_ids=stop_token_ids(policy.tokenizer, policy.model),
         # on vLLM's own modules (its RMSNorm class): the seed's zero-match bug fails here
-        build_perturbations=lambda model: build_perturbations(model, cfg),
+        build_perturbations=lambda model: build_perturbations(model, cfg, skip=("quant",)),
+        load_quantizer=quantizer,
         log_prob_source=rollout.log_prob_source,
         micro_batch_size=rollout.micro_batch_size,
         max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,

