@@ -98,8 +98,8 @@ def _number(value: Any) -> bool:
 
 def read_verl_log(path: Path) -> list[dict[str, Any]]:
     """verl's file-logger rows as aqn metric rows (``{"step": s, metric: value, ...}``);
-    rows logged at the same step (validation and training) are merged. A last line without
-    its newline (a run killed or still writing) is left out."""
+    rows logged at the same step (validation and training) are merged. A torn last line (a
+    run killed or still writing) is left out."""
     merged: dict[int, dict[str, Any]] = {}
     for lineno, row in load_jsonl_lines(path, allow_empty=True, torn_tail_ok=True):
         step, values = row.get("step"), row.get("data")
