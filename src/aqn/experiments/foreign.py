@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,23 +93,33 @@ def name_and_seed(stem: str, variant: str | None, seed: int | None) -> tuple[str
     return variant, seed
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _by_step(logged: Iterable[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """aqn metric rows (``{"step": s, metric: value, ...}``) from (step, metrics) pairs:
+    the numeric values only, rows of one step (validation and training) merged, in order."""
+    merged: dict[int, dict[str, Any]] = {}
+    for step, values in logged:
+        merged.setdefault(step, {"step": step}).update(
+            {k: v for k, v in values.items()
+             if k != "step" and (_is_int(v) or isinstance(v, float))})
+    return [merged[s] for s in sorted(merged)]
 
 
 def read_verl_log(path: Path) -> list[dict[str, Any]]:
-    """verl's file-logger rows as aqn metric rows (``{"step": s, metric: value, ...}``);
-    rows logged at the same step (validation and training) are merged. A torn last line (a
-    run killed or still writing) is left out."""
-    merged: dict[int, dict[str, Any]] = {}
-    for lineno, row in load_jsonl_lines(path, allow_empty=True, torn_tail_ok=True):
-        step, values = row.get("step"), row.get("data")
-        if not isinstance(step, int) or isinstance(step, bool) or not isinstance(values, dict):
-            raise ForeignRunError(f"{path}:{lineno}: not a verl file-logger row (expected "
-                                  '{"step": <int>, "data": {...}})')
-        merged.setdefault(step, {"step": step}).update(
-            {k: v for k, v in values.items() if _number(v)})
-    return [merged[s] for s in sorted(merged)]
+    """verl's file-logger rows as aqn metric rows. A torn last line (a run killed or still
+    writing) is left out."""
+    def logged() -> Iterator[tuple[int, dict[str, Any]]]:
+        for lineno, row in load_jsonl_lines(path, allow_empty=True, torn_tail_ok=True):
+            step, values = row.get("step"), row.get("data")
+            if not _is_int(step) or not isinstance(values, dict):
+                raise ForeignRunError(f"{path}:{lineno}: not a verl file-logger row (expected "
+                                      '{"step": <int>, "data": {...}})')
+            yield step, values
+
+    return _by_step(logged())
 
 
 def read_trl_state(path: Path) -> list[dict[str, Any]]:
@@ -121,13 +132,11 @@ def read_trl_state(path: Path) -> list[dict[str, Any]]:
     if not isinstance(history, list):
         raise ForeignRunError(f"{path}: no log_history list (not a TRL/transformers "
                               "trainer_state.json)")
-    merged: dict[int, dict[str, Any]] = {}
-    for i, entry in enumerate(history):
-        step = entry.get("step") if isinstance(entry, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise ForeignRunError(f"{path}: log_history[{i}] has no integer 'step'")
-        row = merged.setdefault(step, {"step": step})
-        for name, value in entry.items():
-            if name != "step" and _number(value):
-                row[TRL_NAMES.get(name, name)] = value
-    return [merged[s] for s in sorted(merged)]
+    def logged() -> Iterator[tuple[int, dict[str, Any]]]:
+        for i, entry in enumerate(history):
+            step = entry.get("step") if isinstance(entry, dict) else None
+            if not _is_int(step):
+                raise ForeignRunError(f"{path}: log_history[{i}] has no integer 'step'")
+            yield step, {TRL_NAMES.get(name, name): value for name, value in entry.items()}
+
+    return _by_step(logged())

@@ -72,6 +72,18 @@ def quantize_model(model: nn.Module, fmt: str, include: Sequence[str] = (),
     return QuantReport(fmt, tuple(layers))
 
 
+def _quantize_measured(path: str, weight: Tensor, fmt: str, layers: list[LayerError],
+                       firing: Firing) -> Tensor:
+    """Q(weight), its error appended to ``layers`` and the write counted in ``firing``: the
+    one step both quantizers take per weight, so their metrics agree to the bit."""
+    q = fake_quantize(weight, fmt)
+    layers.append(LayerError.measure(path, weight, q))
+    firing.modules.add(path)
+    firing.elements += q.numel()
+    firing.changed += int((q != weight).sum())
+    return q
+
+
 class WeightQuantizer:
     """Fake weight quantization as a rollout-engine perturbation (see aqn.perturb).
 
@@ -133,12 +145,7 @@ class WeightQuantizer:
         self.last = Firing.empty()
         for i, ((path, module), clean) in enumerate(zip(self._targets, self._clean,
                                                         strict=True)):
-            q = fake_quantize(clean, self.fmt)
-            layers.append(LayerError.measure(path, clean, q))
-            self.last.modules.add(path)
-            self.last.elements += q.numel()
-            self.last.changed += int((q != clean).sum())
-            module.weight.copy_(q)
+            module.weight.copy_(_quantize_measured(path, clean, self.fmt, layers, self.last))
             self._written[i] = (weakref.ref(module.weight), module.weight._version)
         self.last_report = QuantReport(self.fmt, tuple(layers))
         return self.last_report.metrics()
@@ -183,21 +190,12 @@ class LoadTimeWeightQuantizer:
         self.last_report: QuantReport | None = None  # of the weights the engine holds
         self.last = Firing.empty()
 
-    @property
-    def num_params(self) -> int:
-        return 0 if self.last_report is None else self.last_report.num_params
-
     @torch.no_grad()
     def quantize(self, path: str, weight: Tensor) -> Tensor:
         """The weight to load for the module at ``path``: Q(weight) for a target."""
         if path not in self._targets:
             return weight
-        q = fake_quantize(weight, self.fmt)
-        self._loading.append(LayerError.measure(path, weight, q))
-        self._firing.modules.add(path)
-        self._firing.elements += q.numel()
-        self._firing.changed += int((q != weight).sum())
-        return q
+        return _quantize_measured(path, weight, self.fmt, self._loading, self._firing)
 
     def refresh(self) -> None:
         """The sync is done: what it quantized is what the engine now holds."""
