@@ -1,3 +1,7 @@
+import importlib
+import os
+import warnings
+
 import pytest
 import torch
 
@@ -54,3 +58,13 @@ def linear_inputs(model, quant, forward) -> dict[str, tuple[torch.Tensor, torch.
             h.remove()
         quant.restore()
     return {path: (x, received) for path, (x, received) in seen.items()}
+
+
+def peer(module: str):
+    """Import a peer's module (verl, hydra, transformers, torchao); skip without the peers
+    extra, fail when it is required (``AQN_REQUIRE_PEERS=1``, as ``make test`` sets)."""
+    if os.environ.get("AQN_REQUIRE_PEERS") == "1":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module)
+    return pytest.importorskip(module)

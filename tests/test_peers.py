@@ -15,13 +15,10 @@ check those too, so a change on either side shows.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
 import random
 import struct
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +29,11 @@ from aqn.quant import FORMATS, fake_quantize
 from aqn.rewards import gsm8k as aqn_gsm8k
 from aqn.rl import core_algos as aqn_algos
 from aqn.token_math import rollout_mismatch_metrics
+from conftest import peer
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
-def peer(module: str):
-    """Import a peer's module; skip without the extra, fail when the extra is required."""
-    if os.environ.get("AQN_REQUIRE_PEERS") == "1":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return importlib.import_module(module)
-    return pytest.importorskip(module)
 
 
 @pytest.fixture(scope="module")

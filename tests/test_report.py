@@ -1,8 +1,6 @@
 """The report over a fixture of run directories whose accuracies are known exactly."""
 
-import importlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import yaml
 
 from aqn.experiments.report import build_report
 from aqn.experiments.runs import RunLoadError, find_runs
+from conftest import peer
 
 N_ITEMS = 100
 STEPS = 10
@@ -278,18 +277,12 @@ def test_training_signal_table_and_plots(tmp_path):
 # --- runs logged by verl and TRL, beside aqn's own ------------------------------------------
 
 
-def need_peer(module: str):
-    if os.environ.get("AQN_REQUIRE_PEERS") == "1":
-        return importlib.import_module(module)  # `make test` has the peers: no skipping
-    return pytest.importorskip(module)
-
-
 def verl_log(path: Path, accuracy: dict[int, float], monkeypatch, steps: int = STEPS) -> Path:
     """A log written by verl 0.9.1's own FileLogger: validation at step 0 and at the steps
     of ``accuracy`` (verl's gsm8k data source), training metrics (numpy, as verl's are) at
     steps 1..steps, and a non-numeric value that the report leaves out."""
     np = pytest.importorskip("numpy")
-    tracking = need_peer("verl.utils.tracking")
+    tracking = peer("verl.utils.tracking")
     monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(path))
     logger = tracking.FileLogger("aqn", path.stem)
     for step in range(steps + 1):
@@ -364,7 +357,7 @@ def trl_output(root: Path, rewards: list[float], eval_rewards: dict[int, float],
                aqn_sigma: float | None = None) -> Path:
     """An output_dir as transformers' Trainer leaves it: checkpoint-<step>/trainer_state.json
     written by its own TrainerState, with GRPOTrainer's metric names."""
-    transformers = need_peer("transformers")
+    transformers = peer("transformers")
     for last in (2, len(rewards)):  # an older checkpoint too: the newest one is read
         history = []
         for step in range(1, last + 1):

@@ -22,13 +22,7 @@ from aqn.integrations.verl import (
 )
 from aqn.integrations.verl_worker import CONFIG_KEY, worker_noise_config
 from aqn.noise import NoiseInjectionConfig
-
-
-def need(module: str):
-    if os.environ.get("AQN_REQUIRE_PEERS") == "1":
-        return __import__(module)
-    return pytest.importorskip(module)
-
+from conftest import peer
 
 SIGMA = 0.05
 ON = {"enabled": True, "sigma_start": SIGMA, "sigma_end": SIGMA, "num_stages": 3,
@@ -36,14 +30,14 @@ ON = {"enabled": True, "sigma_start": SIGMA, "sigma_end": SIGMA, "num_stages": 3
 
 
 def parse(overrides: list[str]) -> dict:
-    need("hydra")
+    peer("hydra")
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(overrides)}
 
 
 def launch(*argv: str) -> tuple[list[str], dict]:
-    need("hydra")  # the launcher parses with verl's parser
+    peer("hydra")  # the launcher parses with verl's parser
     cmd = command(list(argv))
     assert cmd[1:3] == ["-m", "verl.trainer.main_ppo"]
     return cmd[3:], parse(cmd[3:])
@@ -84,7 +78,7 @@ def test_the_frozen_block_survives_verls_parser_and_the_worker_rebuilds_it_exact
 
 
 def test_the_launcher_fills_the_schedule_from_verls_keys_and_refuses_bad_blocks():
-    need("hydra")
+    peer("hydra")
     _, parsed = launch("trainer.total_training_steps=30", "+trainer.noise_injection.enabled=true",
                        "+trainer.noise_injection.seed=3")
     block = parsed[f"{ENGINE}.additional_config"][CONFIG_KEY]
@@ -113,7 +107,7 @@ def test_the_launcher_fills_the_schedule_from_verls_keys_and_refuses_bad_blocks(
 def test_the_overrides_compose_into_verls_own_config():
     """Hydra composes verl 0.9.1's ppo_trainer.yaml with the overrides; verl's RolloutConfig
     carries the block to the vLLM server as a plain dict."""
-    need("hydra"), need("verl")
+    peer("hydra"), peer("verl")
     import verl
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -235,7 +229,7 @@ def test_the_worker_refuses_what_it_cannot_run():
 def test_the_gpu_recipe_composes_with_verls_config_and_carries_the_frozen_block():
     """examples/verl's command line, its shell variables filled in, through the launcher and
     Hydra into verl's own config: every key it sets exists in verl 0.9.1."""
-    need("hydra"), need("verl")
+    peer("hydra"), peer("verl")
     import shlex
     from pathlib import Path
 
