@@ -277,14 +277,11 @@ def test_training_signal_table_and_plots(tmp_path):
 # --- runs logged by verl and TRL, beside aqn's own ------------------------------------------
 
 
-def verl_log(path: Path, accuracy: dict[int, float], monkeypatch, steps: int = STEPS) -> Path:
-    """A log written by verl 0.9.1's own FileLogger: validation at step 0 and at the steps
-    of ``accuracy`` (verl's gsm8k data source), training metrics (numpy, as verl's are) at
+def verl_steps(accuracy: dict[int, float], steps: int = STEPS):
+    """(step, metrics) as verl's trainer logs them: validation at step 0 and at the steps of
+    ``accuracy`` (verl's gsm8k data source), training metrics (numpy, as verl's are) at
     steps 1..steps, and a non-numeric value that the report leaves out."""
     np = pytest.importorskip("numpy")
-    tracking = peer("verl.utils.tracking")
-    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(path))
-    logger = tracking.FileLogger("aqn", path.stem)
     for step in range(steps + 1):
         data = {}
         if step:
@@ -295,6 +292,15 @@ def verl_log(path: Path, accuracy: dict[int, float], monkeypatch, steps: int = S
             data["val-core/openai/gsm8k/acc/mean@1"] = np.float64(accuracy[step])
             data["val-aux/openai/gsm8k/acc/mean@4"] = 0.99  # not the headline n
         data["note"] = "text"
+        yield step, data
+
+
+def verl_log(path: Path, accuracy: dict[int, float], monkeypatch, steps: int = STEPS) -> Path:
+    """A log written by verl 0.9.1's own FileLogger."""
+    tracking = peer("verl.utils.tracking")
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(path))
+    logger = tracking.FileLogger("aqn", path.stem)
+    for step, data in verl_steps(accuracy, steps):
         logger.log(data=data, step=step)
     logger.finish()
     return path
@@ -309,8 +315,8 @@ def test_verl_file_logs_are_runs_named_by_their_file(tmp_path, monkeypatch):
     verl_log(logs / "aqn-qerl-seed2.jsonl", {0: 0.30, 10: 0.62}, monkeypatch)
     runs = find_runs(sorted(logs.iterdir()))
     assert [(r.name, r.engine) for r in runs] == [
-        ("aqn-qerl/seed1", "verl"), ("aqn-qerl/seed2", "verl"),
-        ("baseline/seed1", "verl"), ("baseline/seed2", "verl")]
+        ("aqn-qerl/seed1", "verl (jsonl)"), ("aqn-qerl/seed2", "verl (jsonl)"),
+        ("baseline/seed1", "verl (jsonl)"), ("baseline/seed2", "verl (jsonl)")]
     aqn1 = runs[0]
     assert aqn1.data_source == "openai/gsm8k"
     assert aqn1.accuracy == {0: 0.30, 5: 0.5, 10: 0.60}
@@ -321,7 +327,7 @@ def test_verl_file_logs_are_runs_named_by_their_file(tmp_path, monkeypatch):
     [aqn_row] = r.rows[1:]
     assert aqn_row.delta == pytest.approx(0.19) and aqn_row.n_seeds == 2
     assert aqn_row.seeds.p_value is not None  # decided by the seed test (no per-item files)
-    assert "| aqn-qerl/seed1 | verl | unknown | openai/gsm8k | 10 | 60.00 |" in r.markdown
+    assert "| aqn-qerl/seed1 | verl (jsonl) | unknown | openai/gsm8k | 10 | 60.00 |" in r.markdown
     unknown = next(line for line in r.markdown.splitlines() if "is not known here" in line)
     assert all(run.name in unknown for run in runs)
 
@@ -331,11 +337,11 @@ def test_a_verl_log_beside_an_aqn_sweep_with_a_label(fixture_runs, tmp_path, mon
     runs = find_runs([fixture_runs[0], f"aqn/seed3={log}"])
     [cluster] = [r for r in runs if r.logged_by == "verl"]
     assert cluster.name == "aqn/seed3" and cluster.path == log
-    assert {r.engine for r in runs} == {"verl", "aqn (hf)"}
+    assert {r.engine for r in runs} == {"verl (jsonl)", "aqn (hf)"}
     r = build_report([fixture_runs[0], f"aqn/seed3={log}"], tmp_path / "out")
     aqn_row = next(row for row in r.rows if row.variant == "aqn")
     assert aqn_row.n_seeds == 2 and aqn_row.final_mean == pytest.approx((0.80 + 0.90) / 2)
-    with pytest.raises(RunLoadError, match="a label names a verl or TRL log"):
+    with pytest.raises(RunLoadError, match="a label names one verl or TRL log"):
         find_runs([f"x={fixture_runs[1]}"])
 
 
@@ -353,29 +359,36 @@ def test_a_torn_last_verl_line_is_left_out_and_a_bad_line_is_named(tmp_path, mon
         find_runs([log])
 
 
+def trl_history(rewards: list[float], eval_rewards: dict[int, float],
+                aqn_sigma: float | None = None, last: int | None = None) -> list[dict]:
+    """What GRPOTrainer logs (its metric names) at steps 1..last, and its eval rows."""
+    history = []
+    for step in range(1, (last or len(rewards)) + 1):
+        row = {"loss": 0.1, "grad_norm": 1.5, "learning_rate": 1e-6, "epoch": 0.1 * step,
+               "reward": rewards[step - 1], "reward_std": 0.2,
+               "frac_reward_zero_std": 0.5, "entropy": 0.7, "clip_ratio/region_mean": 0.0,
+               "completions/mean_length": 12.0, "step": step}
+        if aqn_sigma is not None:
+            row |= {"aqn/sigma": aqn_sigma, "aqn/effective_std": aqn_sigma,
+                    "aqn/frac_changed": 1.0, "aqn/swallowed": 0.0, "aqn/stage": 1.0}
+        history.append(row)
+        if step in eval_rewards:
+            history.append({"eval_reward": eval_rewards[step], "eval_loss": 0.0,
+                            "epoch": 0.1 * step, "step": step})
+    if 0 in eval_rewards:
+        history.insert(0, {"eval_reward": eval_rewards[0], "step": 0})
+    return history
+
+
 def trl_output(root: Path, rewards: list[float], eval_rewards: dict[int, float],
                aqn_sigma: float | None = None) -> Path:
     """An output_dir as transformers' Trainer leaves it: checkpoint-<step>/trainer_state.json
     written by its own TrainerState, with GRPOTrainer's metric names."""
     transformers = peer("transformers")
     for last in (2, len(rewards)):  # an older checkpoint too: the newest one is read
-        history = []
-        for step in range(1, last + 1):
-            row = {"loss": 0.1, "grad_norm": 1.5, "learning_rate": 1e-6, "epoch": 0.1 * step,
-                   "reward": rewards[step - 1], "reward_std": 0.2,
-                   "frac_reward_zero_std": 0.5, "entropy": 0.7, "clip_ratio/region_mean": 0.0,
-                   "completions/mean_length": 12.0, "step": step}
-            if aqn_sigma is not None:
-                row |= {"aqn/sigma": aqn_sigma, "aqn/effective_std": aqn_sigma,
-                        "aqn/frac_changed": 1.0, "aqn/swallowed": 0.0, "aqn/stage": 1.0}
-            history.append(row)
-            if step in eval_rewards:
-                history.append({"eval_reward": eval_rewards[step], "eval_loss": 0.0,
-                                "epoch": 0.1 * step, "step": step})
-        if 0 in eval_rewards:
-            history.insert(0, {"eval_reward": eval_rewards[0], "step": 0})
-        state = transformers.TrainerState(global_step=last, max_steps=len(rewards),
-                                          log_history=history)
+        state = transformers.TrainerState(
+            global_step=last, max_steps=len(rewards),
+            log_history=trl_history(rewards, eval_rewards, aqn_sigma, last))
         (root / f"checkpoint-{last}").mkdir(parents=True, exist_ok=True)
         state.save_to_json(str(root / f"checkpoint-{last}" / "trainer_state.json"))
     return root
@@ -385,7 +398,8 @@ def test_trl_outputs_are_runs_with_verls_names(tmp_path):
     out = trl_output(tmp_path / "trl-aqn-seed4", [0.1, 0.2, 0.3, 0.4], {0: 0.25, 4: 0.5},
                      aqn_sigma=0.01)
     [run] = find_runs([out])
-    assert (run.name, run.engine, run.data_source) == ("trl-aqn/seed4", "trl", "trl-eval")
+    assert (run.name, run.engine, run.data_source) == (
+        "trl-aqn/seed4", "trl (trainer_state)", "trl-eval")
     assert run.accuracy == {0: 0.25, 4: 0.5}  # eval_reward: 0/1 rewards make it accuracy
     assert run.series("critic/score/mean") == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
     assert run.series("actor/zero_adv_frac")[3] == 0.5 and run.series("reward_std")[1] == 0.2
@@ -400,3 +414,110 @@ def test_trl_outputs_are_runs_with_verls_names(tmp_path):
     bad.write_text('{"log_history": [{"step": 1}, {"reward": 1.0}]}')
     with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}: log_history\[1\] has no"):
         find_runs([bad.parent])
+
+
+# --- the same logs as TensorBoard event files and wandb offline runs -----------------------
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """wandb in offline mode, writing under tmp_path/wandb (nothing leaves the machine)."""
+    wandb = peer("wandb")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                        "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
+        monkeypatch.setenv(name, value)
+    yield wandb
+    wandb.finish()
+    wandb.teardown()  # its settings (WANDB_DIR) are read once per process otherwise
+
+
+def test_verl_tensorboard_and_wandb_logs_read_as_its_jsonl(tmp_path, monkeypatch,
+                                                           offline_wandb):
+    """verl's own TensorBoard adapter and wandb logger (Tracking) write the same run as its
+    file logger; the report reads the same values from all three."""
+    tracking = peer("verl.utils.tracking")
+    peer("tensorboard")
+    accuracy = {0: 0.30, 5: 0.5, 10: 0.60}
+    jsonl = find_runs([verl_log(tmp_path / "aqn-qerl-seed1.jsonl", accuracy, monkeypatch)])[0]
+    monkeypatch.setenv("TENSORBOARD_DIR", str(tmp_path / "tensorboard_log/aqn/aqn-qerl-seed1"))
+    logger = tracking.Tracking("aqn", "aqn-qerl-seed1", default_backend=["tensorboard",
+                                                                          "wandb"])
+    for step, data in verl_steps(accuracy):
+        logger.log(data={k: v for k, v in data.items() if k != "note"}, step=step,
+                   backend=["tensorboard"])  # add_scalar takes numbers only
+        logger.log(data=data, step=step, backend=["wandb"])
+    logger.finish()
+    tb_runs = find_runs([tmp_path / "tensorboard_log/aqn"])  # a project: its experiments
+    wandb_runs = find_runs([tmp_path / "wandb"])  # wandb/: its offline runs
+    assert [(r.name, r.engine) for r in tb_runs + wandb_runs] == [
+        ("aqn-qerl/seed1", "verl (tensorboard)"), ("aqn-qerl/seed1", "verl (wandb)")]
+    for run in tb_runs + wandb_runs:
+        assert run.data_source == "openai/gsm8k"
+        assert run.accuracy == pytest.approx(jsonl.accuracy)  # TensorBoard keeps float32
+        assert [sorted(row) for row in run.metrics] == [sorted(row) for row in jsonl.metrics]
+        assert run.series("critic/score/mean") == pytest.approx(
+            jsonl.series("critic/score/mean"))
+
+
+def test_trl_tensorboard_and_wandb_logs_get_verls_names(tmp_path, offline_wandb):
+    """transformers' own TensorBoardCallback and WandbCallback (what TRL's report_to uses)
+    prefix train/ and eval/; the report takes them off and maps TRL's names to verl's."""
+    transformers = peer("transformers")
+    peer("tensorboard")
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+
+    out = tmp_path / "trl-aqn-seed4"
+    args = transformers.TrainingArguments(output_dir=str(out), run_name=out.name, report_to=[])
+    state = transformers.TrainerState(max_steps=4)
+    control = transformers.TrainerControl()
+    callbacks = [TensorBoardCallback(), WandbCallback()]
+    for callback in callbacks:
+        callback.on_train_begin(args, state, control)
+    for row in trl_history([0.1, 0.2, 0.3, 0.4], {0: 0.25, 4: 0.5}, aqn_sigma=0.01):
+        state.global_step = row.pop("step")
+        for callback in callbacks:
+            callback.on_log(args, state, control, logs=row)
+    for callback in callbacks:
+        callback.on_train_end(args, state, control)
+    offline_wandb.finish()  # as Trainer's run ends (WandbCallback leaves the run open)
+    [tb_dir] = (out / "runs").iterdir()  # runs/<time>_<host>/: named by the output_dir
+    runs = find_runs([tb_dir, next((tmp_path / "wandb").glob("offline-run-*"))])
+    assert [(r.name, r.engine) for r in runs] == [
+        ("trl-aqn/seed4", "trl (tensorboard)"), ("trl-aqn/seed4", "trl (wandb)")]
+    state_run = find_runs([trl_output(tmp_path / "state", [0.1, 0.2, 0.3, 0.4],
+                                      {0: 0.25, 4: 0.5}, aqn_sigma=0.01)])[0]
+    for run in runs:
+        assert run.data_source == "trl-eval" and run.accuracy == {0: 0.25, 4: 0.5}
+        assert run.series("critic/score/mean") == pytest.approx(
+            state_run.series("critic/score/mean"))
+        assert run.series("aqn/sigma") == pytest.approx({s: 0.01 for s in range(1, 5)})
+        assert run.aqn_enabled and run.series("actor/zero_adv_frac")[3] == 0.5
+        assert set(run.metrics[1]) >= set(state_run.metrics[1]) - {"epoch"}
+
+
+def test_torn_and_corrupt_tensorboard_and_wandb_files(tmp_path, monkeypatch, offline_wandb):
+    """A file cut off mid-record (a run killed, or still writing) reads up to the cut; a
+    wandb record whose checksum fails is an error naming the file and byte."""
+    tracking = peer("verl.utils.tracking")
+    peer("tensorboard")
+    monkeypatch.setenv("TENSORBOARD_DIR", str(tmp_path / "tb" / "b-seed1"))
+    logger = tracking.Tracking("aqn", "b-seed1", default_backend=["tensorboard", "wandb"])
+    for step, data in verl_steps({0: 0.3, 10: 0.4}):
+        logger.log(data={k: v for k, v in data.items() if k != "note"}, step=step)
+    logger.finish()
+    [events] = (tmp_path / "tb" / "b-seed1").iterdir()
+    [wandb_log] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    for path in (events, wandb_log):
+        whole = path.read_bytes()
+        full = find_runs([path])[0]
+        assert full.accuracy == pytest.approx({0: 0.3, 10: 0.4})
+        path.write_bytes(whole[:len(whole) * 2 // 3])
+        cut = find_runs([path])[0]
+        assert 1 <= max(r["step"] for r in cut.metrics) < 10 and cut.accuracy == {
+            0: pytest.approx(0.3)}
+        path.write_bytes(whole)
+    whole = bytearray(wandb_log.read_bytes())
+    whole[7 + 7 + 1] ^= 0xFF  # in the first record's data (after the file and chunk headers)
+    wandb_log.write_bytes(bytes(whole))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(wandb_log))}: byte 7: a corrupt"):
+        find_runs([wandb_log])

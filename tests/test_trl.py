@@ -107,7 +107,7 @@ def test_trl_noise_reaches_generation_and_never_the_training_weights(tmp_path):
     trainer.save_state()
     report = build_report([f"trl-aqn={trainer.args.output_dir}"], tmp_path / "report")
     [run] = find_runs([f"trl-aqn={trainer.args.output_dir}"])
-    assert (run.name, run.engine, run.aqn_enabled) == ("trl-aqn/seed0", "trl", True)
+    assert (run.name, run.engine, run.aqn_enabled) == ("trl-aqn/seed0", "trl (trainer_state)", True)
     assert run.series("aqn/effective_std") == pytest.approx(
         {row["step"]: row["aqn/effective_std"] for row in logged})
     assert run.series("critic/score/mean") == {  # TRL's "reward", under verl's name

@@ -14,13 +14,22 @@ Neither log holds aqn's config, so the variant and seed come from a label
 (``aqn-qerl-seed2.jsonl``: variant ``aqn-qerl``, seed 2); AQN counts as enabled when the log
 holds ``aqn/*`` metrics (TRL runs with ``aqn.integrations.trl`` do; verl's logger does not
 carry the worker's, see examples/verl/README.md).
+
+TensorBoard event files and wandb offline runs hold the same metrics under the same names
+when verl writes them (``trainer.logger=[tensorboard]`` / ``[wandb]``); when transformers'
+callbacks write them (a TRL run with ``report_to``) every name carries a ``train/``,
+``eval/`` or ``test/`` prefix, which is how the two are told apart: the prefix comes off
+(``eval/reward`` is ``eval_reward`` again) and ``TRL_NAMES`` applies.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
+import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,8 @@ from aqn.data.jsonl import load_jsonl_lines
 VERL = "verl"
 TRL = "trl"
 TRL_STATE = "trainer_state.json"
+TB_EVENTS = "events.out.tfevents.*"
+WANDB_RUN = "run-*.wandb"  # in wandb/offline-run-<time>-<id>/ (or run-<time>-<id>/)
 TRL_EVAL_SOURCE = "trl-eval"  # the data source of TRL's eval rows (TRL logs none)
 
 # GRPOTrainer (TRL 1.16) metric -> verl's name for the same quantity. TRL prefixes its eval
@@ -54,6 +65,16 @@ _LABEL = re.compile(r"(?P<variant>[^=/]+)(?:/seed(?P<seed>\d+))?=(?P<path>.+)")
 
 class ForeignRunError(ValueError):
     """A verl or TRL log that cannot be read; the message names the file (and line)."""
+
+
+@dataclass
+class ForeignLog:
+    """One run's metrics as logged by another framework."""
+
+    logged_by: str  # VERL | TRL
+    log_format: str  # "jsonl" | "trainer_state" | "tensorboard" | "wandb"
+    name: str  # the run's name in the log (file, directory or wandb run name)
+    rows: list[dict[str, Any]]  # aqn metric rows, verl's names
 
 
 def split_label(arg: str) -> tuple[str | None, int | None, str]:
@@ -140,3 +161,150 @@ def read_trl_state(path: Path) -> list[dict[str, Any]]:
             yield step, {TRL_NAMES.get(name, name): value for name, value in entry.items()}
 
     return _by_step(logged())
+
+
+def tensorboard_dir(path: Path) -> Path | None:
+    """The directory of a TensorBoard run: ``path`` if it holds event files (all of them
+    are one run: a resumed run adds a file), the folder of ``path`` if it is one."""
+    if path.is_file():
+        return path.parent if path.match(TB_EVENTS) else None
+    return path if any(path.glob(TB_EVENTS)) else None
+
+
+def wandb_file(path: Path) -> Path | None:
+    """The transaction log of a wandb run: ``path`` itself, or the one run-*.wandb in it."""
+    if path.is_file():
+        return path if path.suffix == ".wandb" else None
+    found = sorted(path.glob(WANDB_RUN))
+    if len(found) > 1:
+        raise ForeignRunError(f"{path}: {len(found)} wandb runs in one folder ("
+                              f"{', '.join(f.name for f in found)}); name one of the files")
+    return found[0] if found else None
+
+
+def _tensorboard_logged(directory: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(step, {tag: value}) of every scalar, read by TensorBoard's own loader."""
+    try:
+        from tensorboard.backend.event_processing import event_accumulator
+        from tensorboard.util import tensor_util
+    except ImportError:
+        raise ForeignRunError(f"{directory}: reading TensorBoard event files needs the "
+                              "tensorboard package: pip install 'aqn[tensorboard]'") from None
+    # size_guidance 0 keeps every event (the default samples 1000 per tag); on a step that
+    # goes back (a resumed run) the loader drops the events it replaces, as TensorBoard shows
+    acc = event_accumulator.EventAccumulator(
+        str(directory), size_guidance={event_accumulator.SCALARS: 0,
+                                       event_accumulator.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in tags[event_accumulator.SCALARS]:  # simple_value: torch's add_scalar
+        for event in acc.Scalars(tag):
+            yield event.step, {tag: float(event.value)}
+    for tag in tags[event_accumulator.TENSORS]:  # tf.summary.scalar / new_style=True
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+            continue
+        for event in acc.Tensors(tag):
+            yield event.step, {tag: float(tensor_util.make_ndarray(event.tensor_proto))}
+
+
+# wandb's transaction log (run-<id>.wandb) is a LevelDB log of protobuf Records: a 7-byte
+# file header, then 32 KiB blocks of chunks (crc32 seeded with the chunk type, length, type).
+_WANDB_HEADER = b":W&B\xe1\xbe\x00"
+_BLOCK = 32768
+_CHUNK = struct.Struct("<IHB")
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path) -> Iterator[bytes]:
+    """The records of a wandb transaction log. A chunk cut short at the end of the file (a
+    run killed or still writing) ends it; a bad checksum elsewhere is an error naming the
+    byte offset."""
+    data = path.read_bytes()
+    if not data.startswith(_WANDB_HEADER):
+        raise ForeignRunError(f"{path}: not a wandb transaction log (no :W&B header)")
+    pos, record = len(_WANDB_HEADER), b""
+    while pos < len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _CHUNK.size:  # a block's tail too short for a chunk is padding
+            pos += left
+            continue
+        if pos + _CHUNK.size > len(data):
+            return
+        crc, length, kind = _CHUNK.unpack_from(data, pos)
+        if kind == 0 and length == 0:  # zeros: the rest of a preallocated block
+            pos += left
+            continue
+        chunk = data[pos + _CHUNK.size:pos + _CHUNK.size + length]
+        if len(chunk) < length:
+            return
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc or kind not in (
+                _FULL, _FIRST, _MIDDLE, _LAST):
+            raise ForeignRunError(f"{path}: byte {pos}: a corrupt record (checksum or type)")
+        record = chunk if kind in (_FULL, _FIRST) else record + chunk
+        if kind in (_FULL, _LAST):
+            yield record
+        pos += _CHUNK.size + length
+
+
+def _wandb_logged(path: Path) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """The run's name and (step, metrics) of its history rows. The step is the one the
+    writer passed (``_step``), or transformers' ``train/global_step`` where it logs one
+    (its WandbCallback lets wandb count the rows)."""
+    try:
+        from wandb.proto import wandb_internal_pb2
+    except ImportError:
+        raise ForeignRunError(f"{path}: reading wandb runs needs the wandb package: "
+                              "pip install 'aqn[wandb]'") from None
+    name, logged = path.parent.name, []
+    for data in wandb_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run" and record.run.display_name:
+            name = record.run.display_name
+        if kind != "history":
+            continue
+        values = {item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                  for item in record.history.item}
+        step = values.pop("train/global_step", values.get("_step"))
+        if not _is_int(step):
+            raise ForeignRunError(f"{path}: a history row without an integer _step")
+        logged.append((step, {k: v for k, v in values.items() if not k.startswith("_")}))
+    return name, logged
+
+
+_TRANSFORMERS_PREFIX = re.compile(r"(train/|eval/|test/)(.+)")
+
+
+def _framework(logged: list[tuple[int, dict[str, Any]]]
+               ) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """Who wrote TensorBoard / wandb metrics, and the metrics under the report's names."""
+    names = {name for _, values in logged for name in values}
+    if not names or not all(_TRANSFORMERS_PREFIX.fullmatch(n) for n in names):
+        return VERL, logged
+    def trl_name(name: str) -> str:
+        prefix, rest = _TRANSFORMERS_PREFIX.fullmatch(name).groups()
+        name = rest if prefix == "train/" else f"{prefix[:-1]}_{rest}"
+        return TRL_NAMES.get(name, name)
+    return TRL, [(step, {trl_name(k): v for k, v in values.items()}) for step, values in logged]
+
+
+def read_foreign(path: Path) -> ForeignLog | None:
+    """The run that ``path`` holds, logged by verl or TRL; None when it holds none."""
+    if is_verl_log(path):
+        return ForeignLog(VERL, "jsonl", path.stem, read_verl_log(path))
+    if (state := trl_state_file(path)) is not None:
+        # the run's name is its output_dir's (the folder above checkpoint-<step>/)
+        folder = state.parent
+        name = folder.parent.name if folder.name.startswith("checkpoint-") else folder.name
+        return ForeignLog(TRL, "trainer_state", name, read_trl_state(state))
+    if (events := tensorboard_dir(path)) is not None:
+        logged_by, logged = _framework(list(_tensorboard_logged(events)))
+        # transformers' TensorBoardCallback writes into <output_dir>/runs/<time>_<host>/
+        name = events.parent.parent.name if events.parent.name == "runs" else events.name
+        return ForeignLog(logged_by, "tensorboard", name, _by_step(logged))
+    if (wandb := wandb_file(path)) is not None:
+        name, logged = _wandb_logged(wandb)
+        logged_by, logged = _framework(logged)
+        return ForeignLog(logged_by, "wandb", name, _by_step(logged))
+    return None

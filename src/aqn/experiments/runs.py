@@ -38,6 +38,7 @@ class RunData:
     data_source: str | None
     accuracy: dict[int, float] = field(default_factory=dict)  # validation step -> accuracy
     logged_by: str = "aqn"  # or "verl" / "trl": a run read from that framework's log
+    log_format: str = "aqn"  # a foreign run's: "jsonl", "tensorboard", "wandb", ...
 
     @property
     def name(self) -> str:
@@ -51,9 +52,10 @@ class RunData:
 
     @property
     def engine(self) -> str:
-        """Who logged the run and, for aqn's, its rollout engine: "aqn (hf)", "verl"."""
+        """Who logged the run and, for aqn's, its rollout engine: "aqn (hf)", or for a
+        foreign run its log: "verl (jsonl)", "trl (wandb)"."""
         if self.logged_by != "aqn":
-            return self.logged_by
+            return f"{self.logged_by} ({self.log_format})"
         return f"aqn ({self.setting('actor_rollout_ref.rollout.name', 'hf')})"
 
     def setting(self, dotted: str, default: Any = None) -> Any:
@@ -160,58 +162,58 @@ def load_run(path: str | Path) -> RunData:
 
 def load_foreign_run(path: Path, variant: str | None = None, seed: int | None = None
                      ) -> RunData | None:
-    """A run logged by verl (its file logger's JSONL) or TRL (trainer_state.json, or a
-    directory holding one or checkpoint-*/ with one); None when ``path`` is neither."""
-    if foreign.is_verl_log(path):
-        logged_by, metrics, stem = foreign.VERL, foreign.read_verl_log(path), path.stem
-    elif (state := foreign.trl_state_file(path)) is not None:
-        # the run's name is its output_dir's (the folder above checkpoint-<step>/)
-        run_dir = state.parent.parent if state.parent.name.startswith("checkpoint-") \
-            else state.parent
-        logged_by, metrics, stem = foreign.TRL, foreign.read_trl_state(state), run_dir.name
-    else:
+    """A run logged by verl or TRL (see ``foreign``: a JSONL, trainer_state.json,
+    TensorBoard or wandb log, or a directory holding one); None when ``path`` is none."""
+    log = foreign.read_foreign(path)
+    if log is None:
         return None
-    variant, seed = foreign.name_and_seed(stem, variant, seed)
+    variant, seed = foreign.name_and_seed(log.name, variant, seed)
     run = RunData(path=path, variant=variant, seed=seed, status="unknown", error=None,
-                  config={}, metrics=metrics, val={}, machine={}, data_source=None,
-                  logged_by=logged_by)
+                  config={}, metrics=log.rows, val={}, machine={}, data_source=None,
+                  logged_by=log.logged_by, log_format=log.log_format)
     return _score(run, None)
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunData]:
     """Load every run under ``paths``, sorted by (variant, seed, path).
 
-    A path holding a config.yaml is a run; otherwise each immediate subdirectory holding
-    one is (a sweep directory). A verl file-logger JSONL or a TRL output is a foreign run,
-    named by a label (``variant[/seedN]=path``) or by its file name. A path given twice is
-    loaded once.
+    A path holding a config.yaml is a run. A log written by verl or TRL (a file-logger
+    JSONL, a trainer_state.json or TRL output_dir, a TensorBoard run directory, a wandb
+    run) is a foreign run, named by a label (``variant[/seedN]=path``) or by its own name.
+    Any other directory stands for the runs among its immediate subdirectories (a sweep,
+    ``wandb/``, ``tensorboard_log/<project>/``). A path given twice is loaded once.
     """
     run_dirs: list[Path] = []
     foreign_runs: dict[Path, RunData] = {}
+
+    def add(p: Path, variant: str | None = None, seed: int | None = None) -> bool:
+        if (p / "config.yaml").is_file():
+            run_dirs.append(p)
+            return True
+        run = load_foreign_run(p, variant, seed)
+        if run is not None:
+            foreign_runs.setdefault(p.resolve(), run)
+        return run is not None
+
     for arg in paths:
         variant, seed, p = foreign.split_label(str(arg))
         p = Path(p)
         if not p.exists():
             raise RunLoadError(f"{p}: no such file or directory")
-        run = None if (p / "config.yaml").is_file() else load_foreign_run(p, variant, seed)
-        if run is not None:
-            foreign_runs.setdefault(p.resolve(), run)
-            continue
         if variant is not None:
-            raise RunLoadError(f"{arg}: a label names a verl or TRL log; {p} is an aqn run "
-                               "directory (its variant and seed are in its run.json)")
+            if (p / "config.yaml").is_file() or not add(p, variant, seed):
+                raise RunLoadError(f"{arg}: a label names one verl or TRL log; {p} is not one "
+                                   "(an aqn run's variant and seed are in its run.json)")
+            continue
+        if add(p):
+            continue
         if not p.is_dir():
-            raise RunLoadError(f"{p}: not a run directory, a verl file-logger .jsonl or a "
-                               f"TRL {foreign.TRL_STATE}")
-        found = [p] if (p / "config.yaml").is_file() else sorted(
-            d for d in p.iterdir() if d.is_dir() and (d / "config.yaml").is_file()
-        )
-        if not found:
+            raise RunLoadError(f"{p}: not a run directory nor a verl or TRL log (.jsonl, "
+                               f"{foreign.TRL_STATE}, TensorBoard events, .wandb)")
+        if not [d for d in sorted(p.iterdir()) if d.is_dir() and add(d)]:
             raise RunLoadError(
-                f"{p}: no run found (no config.yaml in it or in its immediate subdirectories, "
-                f"and no verl .jsonl or TRL {foreign.TRL_STATE})"
-            )
-        run_dirs.extend(found)
+                f"{p}: no run found (no config.yaml, verl or TRL log in it or in its "
+                "immediate subdirectories)")
     unique = list(dict.fromkeys(d.resolve() for d in run_dirs))
     runs = [load_run(d) for d in unique] + list(foreign_runs.values())
     return sorted(runs, key=lambda r: (r.variant, r.seed, str(r.path)))
