@@ -5,7 +5,9 @@ real vLLM: tests/test_vllm.py."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from aqn.integrations.verl import (
     hydra_value,
     make_extension,
 )
-from aqn.integrations.verl_worker import CONFIG_KEY, worker_noise_config
+from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY, worker_noise_config
 from aqn.noise import NoiseInjectionConfig
 from conftest import peer
 
@@ -154,12 +156,16 @@ class FakeVerlExtension:
         return "synced"
 
 
-def worker(noise: dict | None, seed: int = 0):
+def worker(noise: dict | None, seed: int = 0, metrics_file: Path | None = None,
+           rank: int = 0):
     ext = make_extension(FakeVerlExtension)()
+    ext.rank = rank  # vLLM's Worker.rank
     ext.model_runner = type("Runner", (), {})()
     ext.model_runner.model = vllm_named_model()
     ext.vllm_config = type("VllmConfig", (), {})()
     ext.vllm_config.additional_config = None if noise is None else {CONFIG_KEY: noise}
+    if metrics_file is not None:
+        ext.vllm_config.additional_config[METRICS_KEY] = str(metrics_file)
     return ext
 
 
@@ -251,3 +257,72 @@ def test_the_gpu_recipe_composes_with_verls_config_and_carries_the_frozen_block(
     block = cfg.actor_rollout_ref.rollout.engine_kwargs.vllm.additional_config[CONFIG_KEY]
     assert (block.total_steps, block.seed, block.sigma_start, block.num_stages) == (
         232, 1, 0.05, 10)
+
+
+def test_the_launcher_sends_the_workers_metrics_beside_verls_log(tmp_path, monkeypatch):
+    """The workers' metrics file is verl's FileLogger path with .aqn.jsonl, made absolute in
+    the driver (Ray workers do not share its working directory)."""
+    on = ("trainer.total_training_steps=20", "+trainer.noise_injection.enabled=true",
+          "+trainer.noise_injection.seed=1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VERL_FILE_LOGGER_PATH", raising=False)
+    monkeypatch.delenv("VERL_FILE_LOGGER_ROOT", raising=False)
+
+    def shipped(*argv: str) -> str:
+        return launch(*on, *argv)[1][f"{ENGINE}.additional_config"][METRICS_KEY]
+
+    assert shipped("trainer.project_name=p", "trainer.experiment_name=aqn-seed1") == str(
+        tmp_path / "p" / "aqn-seed1.aqn.jsonl")
+    peer("verl")  # unset names: verl's own defaults (ppo_trainer.yaml)
+    assert shipped() == str(tmp_path / "verl_examples" / "gsm8k.aqn.jsonl")
+    monkeypatch.setenv("VERL_FILE_LOGGER_ROOT", "logs")
+    assert shipped("trainer.experiment_name=e") == str(tmp_path / "logs/verl_examples/e.aqn.jsonl")
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", "runs/verl/x.jsonl")  # verl's first choice
+    assert shipped("trainer.experiment_name=e") == str(tmp_path / "runs/verl/x.aqn.jsonl")
+
+
+def test_one_worker_logs_the_noise_beside_verls_log_and_the_report_merges_it(tmp_path,
+                                                                            monkeypatch):
+    """verl's own FileLogger writes the run's metrics; the first rank of the first replica
+    writes aqn/* at the step each sync feeds (sync k -> step k + 1); the report reads both."""
+    tracking = peer("verl.utils.tracking")
+    from aqn.experiments.report import build_report
+    from aqn.experiments.runs import find_runs
+
+    log = tmp_path / "runs" / "verl" / "aqn-seed1.jsonl"
+    aqn_log = log.with_name("aqn-seed1.aqn.jsonl")
+    aqn_log.parent.mkdir(parents=True)
+    aqn_log.write_text('{"step": 99, "data": {"aqn/sigma": 9.0}}\n')  # an older run's
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(log))
+    logger = tracking.FileLogger("aqn", "aqn-seed1")
+    writers = [worker(ON, metrics_file=aqn_log), worker(ON, metrics_file=aqn_log, rank=1)]
+    monkeypatch.setenv("VERL_REPLICA_RANK", "1")
+    other_replica = worker(ON, metrics_file=tmp_path / "other.aqn.jsonl")
+    other_replica.update_weights_from_ipc(trainer_weights(0))
+    assert not (tmp_path / "other.aqn.jsonl").exists()
+    monkeypatch.delenv("VERL_REPLICA_RANK")
+    for w in writers:  # verl's init: sync 0, then validation at step 0
+        w.update_weights_from_ipc(trainer_weights(0))
+    logger.log(data={"val-core/openai/gsm8k/acc/mean@1": 0.3}, step=0)
+    for step in range(1, 6):  # rollout, update, sync (it feeds the next step)
+        logger.log(data={"critic/score/mean": 0.1 * step}, step=step)
+        for w in writers:
+            w.update_weights_from_ipc(trainer_weights(step))
+    logger.log(data={"val-core/openai/gsm8k/acc/mean@1": 0.5}, step=5)
+    logger.finish()
+
+    rows = [json.loads(line) for line in aqn_log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one writer, the old file gone
+    assert [r["data"]["aqn/sigma"] for r in rows] == [0, 0, SIGMA, SIGMA, SIGMA, SIGMA]
+    [run] = find_runs([log, aqn_log])  # the .aqn.jsonl is part of the run, not a run
+    assert run.aqn_enabled and run.accuracy == {0: 0.3, 5: 0.5}
+    assert run.series("aqn/num_modules") == {s: 9 for s in range(1, 7)}
+    assert run.series("critic/score/mean")[3] == pytest.approx(0.3)
+    r = build_report([log], tmp_path / "report")
+    assert "is not known here" not in r.markdown
+    section = r.markdown[r.markdown.index("## 4."):]
+    stage1 = next(line for line in section.splitlines() if line.startswith("| 1 |"))
+    assert stage1.startswith("| 1 | 2 | 0.05 |") and stage1.endswith("| 9 |")  # 9 norms
+    log.unlink()
+    with pytest.raises(ValueError, match="verl's log aqn-seed1.jsonl is not beside it"):
+        find_runs([aqn_log])

@@ -250,7 +250,7 @@ def test_verls_worker_extension_noises_vllms_norms_after_each_reload(tmp_path):
     from vllm import LLM
     from vllm import SamplingParams as VLLMSampling
 
-    from aqn.integrations.verl_worker import CONFIG_KEY
+    from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY
     from aqn.models import build_tiny
 
     model, _ = build_tiny(seed=0)
@@ -261,7 +261,8 @@ def test_verls_worker_extension_noises_vllms_norms_after_each_reload(tmp_path):
         llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32",
                   max_model_len=64, enforce_eager=True, seed=0,
                   worker_extension_cls="aqn.integrations.verl_worker.AQNNoiseMixin",
-                  additional_config={CONFIG_KEY: block})
+                  additional_config={CONFIG_KEY: block,
+                                     METRICS_KEY: str(tmp_path / "run.aqn.jsonl")})
     vllm_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
     norm = vllm_model.model.norm.weight
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -287,6 +288,10 @@ def test_verls_worker_extension_noises_vllms_norms_after_each_reload(tmp_path):
     assert sync()["aqn/sigma"] == 0.0  # the warm-up again: the clean weights, nothing kept
     assert torch.equal(norm.detach().cpu(), state["model.norm.weight"])
     assert llm.generate(prompt, greedy)[0].outputs[0].token_ids == clean_tokens
+    # vLLM's worker (rank 0 of one replica) wrote each sync's metrics, at the step it feeds
+    logged = [json.loads(line) for line in (tmp_path / "run.aqn.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["data"]) for row in logged] == [
+        (1, reports[0]), (2, reports[1]), (3, reports[2]), (1, reports[0])]
 
 
 @pytest.mark.vllm

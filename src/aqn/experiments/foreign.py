@@ -9,11 +9,15 @@ aqn's own runs (a cluster run beside a laptop run).
   ``log_history`` holds one row per logging step. GRPOTrainer's names are mapped to verl's
   where the two measure the same thing (``TRL_NAMES``); the others keep their TRL names.
 
+aqn's verl launcher (``aqn.integrations.verl``) has one vLLM worker write the ``aqn/*``
+metrics of the noise it applied beside verl's JSONL (``<experiment>.aqn.jsonl``, rows of the
+same shape): verl's logger never sees them. The report merges the two files by step.
+
 Neither log holds aqn's config, so the variant and seed come from a label
 (``aqn report baseline/seed1=runs/verl/b1.jsonl``) or from the file name
 (``aqn-qerl-seed2.jsonl``: variant ``aqn-qerl``, seed 2); AQN counts as enabled when the log
 holds ``aqn/*`` metrics (TRL runs with ``aqn.integrations.trl`` do; verl's logger does not
-carry the worker's, see examples/verl/README.md).
+carry the worker's: its ``.aqn.jsonl`` does).
 
 TensorBoard event files and wandb offline runs hold the same metrics under the same names
 when verl writes them (``trainer.logger=[tensorboard]`` / ``[wandb]``); when transformers'
@@ -39,6 +43,7 @@ from aqn.data.jsonl import load_jsonl_lines
 VERL = "verl"
 TRL = "trl"
 TRL_STATE = "trainer_state.json"
+AQN_METRICS = ".aqn.jsonl"  # beside verl's <experiment>.jsonl
 TB_EVENTS = "events.out.tfevents.*"
 WANDB_RUN = "run-*.wandb"  # in wandb/offline-run-<time>-<id>/ (or run-<time>-<id>/)
 TRL_EVAL_SOURCE = "trl-eval"  # the data source of TRL's eval rows (TRL logs none)
@@ -73,6 +78,7 @@ class ForeignLog:
 
     logged_by: str  # VERL | TRL
     log_format: str  # "jsonl" | "trainer_state" | "tensorboard" | "wandb"
+    path: Path  # the log (a file or a run's folder)
     name: str  # the run's name in the log (file, directory or wandb run name)
     rows: list[dict[str, Any]]  # aqn metric rows, verl's names
 
@@ -104,6 +110,22 @@ def is_verl_log(path: Path) -> bool:
     return path.is_file() and path.suffix == ".jsonl"
 
 
+def aqn_metrics_file(verl_log: Path) -> Path:
+    """The file of aqn's worker metrics beside verl's ``<experiment>.jsonl``."""
+    return verl_log.with_name(verl_log.name.removesuffix(".jsonl") + AQN_METRICS)
+
+
+def verl_log_of(path: Path) -> Path:
+    """verl's log for ``path``: itself, or the log an ``<experiment>.aqn.jsonl`` belongs to."""
+    if not path.name.endswith(AQN_METRICS):
+        return path
+    log = path.with_name(path.name.removesuffix(AQN_METRICS) + ".jsonl")
+    if not log.is_file():
+        raise ForeignRunError(f"{path}: aqn's metrics of a verl run, but verl's log {log.name} "
+                              "is not beside it")
+    return log
+
+
 def name_and_seed(stem: str, variant: str | None, seed: int | None) -> tuple[str, int]:
     """A label's variant and seed, else the ones a name like ``aqn-qerl-seed2`` carries."""
     m = _SEEDED_NAME.fullmatch(stem)
@@ -129,18 +151,22 @@ def _by_step(logged: Iterable[tuple[int, dict[str, Any]]]) -> list[dict[str, Any
     return [merged[s] for s in sorted(merged)]
 
 
-def read_verl_log(path: Path) -> list[dict[str, Any]]:
-    """verl's file-logger rows as aqn metric rows. A torn last line (a run killed or still
-    writing) is left out."""
-    def logged() -> Iterator[tuple[int, dict[str, Any]]]:
-        for lineno, row in load_jsonl_lines(path, allow_empty=True, torn_tail_ok=True):
-            step, values = row.get("step"), row.get("data")
-            if not _is_int(step) or not isinstance(values, dict):
-                raise ForeignRunError(f"{path}:{lineno}: not a verl file-logger row (expected "
-                                      '{"step": <int>, "data": {...}})')
-            yield step, values
+def _verl_logged(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, row in load_jsonl_lines(path, allow_empty=True, torn_tail_ok=True):
+        step, values = row.get("step"), row.get("data")
+        if not _is_int(step) or not isinstance(values, dict):
+            raise ForeignRunError(f"{path}:{lineno}: not a verl file-logger row (expected "
+                                  '{"step": <int>, "data": {...}})')
+        yield step, values
 
-    return _by_step(logged())
+
+def read_verl_log(path: Path) -> list[dict[str, Any]]:
+    """verl's file-logger rows as aqn metric rows, with those of its ``.aqn.jsonl`` when
+    there is one. A torn last line (a run killed or still writing) is left out."""
+    logged = list(_verl_logged(path))
+    if (aqn := aqn_metrics_file(path)).is_file():
+        logged += _verl_logged(aqn)
+    return _by_step(logged)
 
 
 def read_trl_state(path: Path) -> list[dict[str, Any]]:
@@ -292,19 +318,21 @@ def _framework(logged: list[tuple[int, dict[str, Any]]]
 def read_foreign(path: Path) -> ForeignLog | None:
     """The run that ``path`` holds, logged by verl or TRL; None when it holds none."""
     if is_verl_log(path):
-        return ForeignLog(VERL, "jsonl", path.stem, read_verl_log(path))
+        log = verl_log_of(path)
+        return ForeignLog(VERL, "jsonl", log, log.stem, read_verl_log(log))
     if (state := trl_state_file(path)) is not None:
-        # the run's name is its output_dir's (the folder above checkpoint-<step>/)
+        # the run is its output_dir (the folder above checkpoint-<step>/), and named by it
         folder = state.parent
-        name = folder.parent.name if folder.name.startswith("checkpoint-") else folder.name
-        return ForeignLog(TRL, "trainer_state", name, read_trl_state(state))
+        output_dir = folder.parent if folder.name.startswith("checkpoint-") else folder
+        return ForeignLog(TRL, "trainer_state", output_dir, output_dir.name,
+                          read_trl_state(state))
     if (events := tensorboard_dir(path)) is not None:
         logged_by, logged = _framework(list(_tensorboard_logged(events)))
         # transformers' TensorBoardCallback writes into <output_dir>/runs/<time>_<host>/
         name = events.parent.parent.name if events.parent.name == "runs" else events.name
-        return ForeignLog(logged_by, "tensorboard", name, _by_step(logged))
+        return ForeignLog(logged_by, "tensorboard", events, name, _by_step(logged))
     if (wandb := wandb_file(path)) is not None:
         name, logged = _wandb_logged(wandb)
         logged_by, logged = _framework(logged)
-        return ForeignLog(logged_by, "wandb", name, _by_step(logged))
+        return ForeignLog(logged_by, "wandb", wandb, name, _by_step(logged))
     return None

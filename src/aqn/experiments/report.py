@@ -299,8 +299,9 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
     if unseen:
         blocks.append(Text(
             "Read from a verl or TRL log without aqn/* metrics, so whether noise was applied "
-            f"is not known here: {', '.join(unseen)} (verl's logger does not carry the "
-            "worker's aqn/* metrics; aqn.integrations.trl logs them through TRL)."))
+            f"is not known here: {', '.join(unseen)} (aqn.integrations.verl writes them "
+            "beside verl's JSONL as <experiment>.aqn.jsonl; aqn.integrations.trl logs them "
+            "through TRL)."))
     for variant, runs in groups.items():
         if not any(r.aqn_enabled for r in runs.values()):
             continue

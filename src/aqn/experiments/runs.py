@@ -168,7 +168,7 @@ def load_foreign_run(path: Path, variant: str | None = None, seed: int | None = 
     if log is None:
         return None
     variant, seed = foreign.name_and_seed(log.name, variant, seed)
-    run = RunData(path=path, variant=variant, seed=seed, status="unknown", error=None,
+    run = RunData(path=log.path, variant=variant, seed=seed, status="unknown", error=None,
                   config={}, metrics=log.rows, val={}, machine={}, data_source=None,
                   logged_by=log.logged_by, log_format=log.log_format)
     return _score(run, None)
@@ -191,8 +191,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunData]:
             run_dirs.append(p)
             return True
         run = load_foreign_run(p, variant, seed)
-        if run is not None:
-            foreign_runs.setdefault(p.resolve(), run)
+        if run is not None:  # keyed by its log: a run's folder and its file are one run
+            foreign_runs.setdefault(run.path.resolve(), run)
         return run is not None
 
     for arg in paths:

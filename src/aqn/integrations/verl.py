@@ -27,16 +27,20 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from aqn.errors import ConfigError
+from aqn.experiments.foreign import aqn_metrics_file
 from aqn.integrations import KEY, resolve_noise
-from aqn.integrations.verl_worker import CONFIG_KEY, AQNNoiseMixin
+from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY, AQNNoiseMixin
 from aqn.noise import NoiseInjectionConfig
 
 VERL_BASE = "verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension"
 EXTENSION = "aqn.integrations.verl.AQNColocateWorkerExtension"
 ENGINE = "actor_rollout_ref.rollout.engine_kwargs.vllm"
+TRAINER_KEYS = ("trainer.total_training_steps", "trainer.project_name",
+                "trainer.experiment_name")
 
 
 def make_extension(base: type) -> type:
@@ -93,22 +97,51 @@ def frozen_block(config: NoiseInjectionConfig) -> dict[str, Any]:
 
 
 def overrides(noise: NoiseInjectionConfig | Mapping[str, Any],
-              total_steps: int | None = None, seed: int | None = None) -> list[str]:
-    """The two verl overrides that carry the resolved AQN block into vLLM's workers."""
+              total_steps: int | None = None, seed: int | None = None,
+              metrics_file: str | os.PathLike | None = None) -> list[str]:
+    """The two verl overrides that carry the resolved AQN block (and the file the workers
+    write their ``aqn/*`` metrics to) into vLLM's workers."""
     config = resolve_noise(noise, total_steps, seed)
-    block = {CONFIG_KEY: frozen_block(config)}
+    additional = {CONFIG_KEY: frozen_block(config)}
+    if metrics_file is not None:
+        additional[METRICS_KEY] = os.path.abspath(metrics_file)  # workers' cwd is not ours
     return [f"+{ENGINE}.worker_extension_cls={EXTENSION}",
-            f"+{ENGINE}.additional_config={hydra_value(block)}"]
+            f"+{ENGINE}.additional_config={hydra_value(additional)}"]
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[dict[str, Any], list[str], int | None]:
-    """(the ``trainer.noise_injection`` block, the other overrides, total_training_steps)."""
+def verl_default(key: str) -> Any:
+    """A ``trainer.*`` default of verl's own ppo_trainer.yaml (verl must be installed)."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("verl")
+    if spec is None or spec.origin is None:
+        raise ConfigError("unset, and verl (whose default it is) is not installed", key)
+    config = Path(spec.origin).parent / "trainer" / "config" / "ppo_trainer.yaml"
+    return yaml.safe_load(config.read_text(encoding="utf-8"))["trainer"][key.split(".")[-1]]
+
+
+def metrics_file(project: str, experiment: str, environ: Mapping[str, str] = os.environ
+                 ) -> Path:
+    """Where the workers' ``aqn/*`` metrics go: beside verl's file-logger JSONL (the path
+    FileLogger picks), ``<experiment>.jsonl`` -> ``<experiment>.aqn.jsonl``."""
+    log = environ.get("VERL_FILE_LOGGER_PATH")
+    if log is None:
+        root = os.path.expanduser(environ.get("VERL_FILE_LOGGER_ROOT", "."))
+        log = os.path.join(root, project, f"{experiment}.jsonl")
+    return aqn_metrics_file(Path(log))
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """(the ``trainer.noise_injection`` block, the other overrides, the ``trainer.*`` values
+    the block depends on: ``TRAINER_KEYS`` that ``argv`` sets)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser  # verl's own
 
     parsed = OverridesParser.create().parse_overrides(list(argv))
     block: dict[str, Any] = {}
     rest: list[str] = []
-    total_steps = None
+    trainer: dict[str, Any] = {}
     for text, override in zip(argv, parsed, strict=True):
         key = override.key_or_group
         if key.startswith(f"{KEY}."):
@@ -117,19 +150,23 @@ def split_overrides(argv: Sequence[str]) -> tuple[dict[str, Any], list[str], int
         if key.startswith(f"{ENGINE}.worker_extension_cls") or key.startswith(
                 f"{ENGINE}.additional_config"):
             raise ConfigError("set by aqn.integrations.verl from trainer.noise_injection", key)
-        if key == "trainer.total_training_steps" and override.value() is not None:
-            total_steps = int(override.value())
+        if key in TRAINER_KEYS and override.value() is not None:
+            trainer[key] = override.value()
         rest.append(text)
-    return block, rest, total_steps
+    return block, rest, trainer
 
 
 def command(argv: Sequence[str]) -> list[str]:
     """verl's command line for ``argv``, with the AQN block resolved and frozen."""
-    block, rest, total_steps = split_overrides(argv)
+    block, rest, trainer = split_overrides(argv)
     if not block.get("enabled", False):
         return [sys.executable, "-m", "verl.trainer.main_ppo", *rest]
+    names = [str(trainer[k]) if k in trainer else verl_default(k)
+             for k in ("trainer.project_name", "trainer.experiment_name")]
+    steps = trainer.get("trainer.total_training_steps")
     return [sys.executable, "-m", "verl.trainer.main_ppo", *rest,
-            *overrides(block, total_steps=total_steps)]
+            *overrides(block, total_steps=None if steps is None else int(steps),
+                       metrics_file=metrics_file(*names))]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,13 +6,18 @@ tensor-parallel rank. It imports neither vLLM nor verl: ``aqn.integrations.verl`
 verl's weight sync, and plain vLLM can load it as is (``LLM(worker_extension_cls=...)``).
 
 The AQN block arrives resolved and frozen in vLLM's ``additional_config["aqn_noise"]`` (see
-``aqn.integrations.verl.overrides``); nothing is read from the environment. Every attribute
+``aqn.integrations.verl.overrides``), with the file its metrics go to
+(``additional_config["aqn_metrics_file"]``): verl's own logger never sees the workers'
+metrics, so one worker writes them beside verl's log for ``aqn report``. Every attribute
 starts with ``aqn_`` / ``_aqn_``: vLLM refuses an extension whose names clash with the
 worker's.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from aqn.errors import ConfigError
@@ -20,6 +25,7 @@ from aqn.integrations import resolve_noise
 from aqn.noise import NoiseInjectionConfig, NoiseInjector
 
 CONFIG_KEY = "aqn_noise"
+METRICS_KEY = "aqn_metrics_file"
 CONFIG_PATH = f"actor_rollout_ref.rollout.engine_kwargs.vllm.additional_config.{CONFIG_KEY}"
 
 
@@ -57,7 +63,25 @@ class AQNNoiseMixin:
             injector.refresh_clean()  # a norm the sync did not send keeps its clean copy
         self._aqn_report = injector.apply(self._aqn_step)
         self._aqn_step += 1
-        return self._aqn_report.metrics()
+        metrics = self._aqn_report.metrics()
+        self._aqn_log(metrics)
+        return metrics
+
+    def _aqn_log(self, metrics: dict[str, float]) -> None:
+        """Append the metrics to the metrics file, as verl's file logger writes a row, at the
+        step whose rollout this noise is for: sync k follows k optimizer steps and feeds
+        training step k + 1 (verl logs steps from 1). One writer per file: the first rank of
+        the first replica (every rank and replica draws the same noise)."""
+        path = (self.vllm_config.additional_config or {}).get(METRICS_KEY)
+        # verl sets VERL_REPLICA_RANK in each rollout server's process (plain vLLM: unset)
+        if not path or getattr(self, "rank", 0) != 0 or os.environ.get(
+                "VERL_REPLICA_RANK", "0") != "0":
+            return
+        first = not getattr(self, "_aqn_logged", False)  # a new run starts the file anew,
+        self._aqn_logged = True  # as verl's file logger does
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w" if first else "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": self._aqn_step, "data": metrics}) + "\n")
 
     def aqn_set_step(self, step: int) -> None:
         self._aqn_step = step
