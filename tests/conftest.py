@@ -60,10 +60,11 @@ def linear_inputs(model, quant, forward) -> dict[str, tuple[torch.Tensor, torch.
     return {path: (x, received) for path, (x, received) in seen.items()}
 
 
-def peer(module: str):
-    """Import a peer's module (verl, hydra, transformers, torchao); skip without the peers
-    extra, fail when it is required (``AQN_REQUIRE_PEERS=1``, as ``make test`` sets)."""
-    if os.environ.get("AQN_REQUIRE_PEERS") == "1":
+def peer(module: str, required_by: str = "AQN_REQUIRE_PEERS"):
+    """Import a peer's module (verl, hydra, transformers, torchao, vllm, trl); skip where it
+    is missing, fail when ``$required_by`` is 1: ``make test`` sets AQN_REQUIRE_PEERS, the
+    engines tier (``make test-vllm``) AQN_REQUIRE_VLLM and AQN_REQUIRE_TRL."""
+    if os.environ.get(required_by) == "1":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return importlib.import_module(module)

@@ -14,6 +14,7 @@ import torch
 from aqn.errors import ConfigError, NoTargetsError
 from aqn.experiments.runs import find_runs
 from aqn.models import build_tiny
+from conftest import peer
 
 pytestmark = pytest.mark.trl
 
@@ -25,9 +26,7 @@ AQN_ON = {"enabled": True, "sigma_start": SIGMA, "sigma_end": SIGMA, "num_stages
 
 
 def need(module: str):
-    if os.environ.get("AQN_REQUIRE_TRL") == "1":
-        return __import__(module)  # fails loudly in the engines tier
-    return pytest.importorskip(module)
+    return peer(module, "AQN_REQUIRE_TRL")
 
 
 def make_trainer(tmp_path, seed=0, model_dir=None, **args):

@@ -19,16 +19,13 @@ from aqn.data import encode_prompts, load_task
 from aqn.errors import ConfigError, NoTargetsError
 from aqn.noise import NoiseInjector
 from aqn.rollout.base import SamplingParams
-from conftest import smoke
+from conftest import peer, smoke
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def need_vllm():
-    if os.environ.get("AQN_REQUIRE_VLLM") == "1":
-        import vllm  # noqa: F401  # fails loudly in the vLLM tier
-    else:
-        pytest.importorskip("vllm")
+    peer("vllm", "AQN_REQUIRE_VLLM")
 
 
 AQN_ON = ["trainer.noise_injection.enabled=true", "trainer.noise_injection.sigma_start=0.05",
