@@ -521,3 +521,23 @@ def test_torn_and_corrupt_tensorboard_and_wandb_files(tmp_path, monkeypatch, off
     wandb_log.write_bytes(bytes(whole))
     with pytest.raises(ValueError, match=rf"{re.escape(str(wandb_log))}: byte 7: a corrupt"):
         find_runs([wandb_log])
+
+
+def test_tensor_scalars_read_as_simple_values(tmp_path):
+    """Scalars written as tensors (torch's new_style, tf.summary v2) are read too; a
+    histogram (not a scalar) is not a metric."""
+    peer("tensorboard")
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tb" / "x-seed3"))
+    for step in range(1, 4):
+        writer.add_scalar("critic/score/mean", 0.5 * step, step, new_style=True)
+        writer.add_scalar("val-core/gsm8k/acc/mean@1", 0.25 * step, step)
+        writer.add_histogram("weights", torch.tensor([0.1 * step, 0.2]), step)
+    writer.close()
+    [run] = find_runs([tmp_path / "tb" / "x-seed3"])
+    assert (run.name, run.accuracy) == ("x/seed3", {1: 0.25, 2: 0.5, 3: 0.75})
+    assert run.series("critic/score/mean") == {1: 0.5, 2: 1.0, 3: 1.5}
+    assert {k for row in run.metrics for k in row} == {
+        "step", "critic/score/mean", "val-core/gsm8k/acc/mean@1"}

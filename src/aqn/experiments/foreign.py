@@ -16,8 +16,8 @@ same shape): verl's logger never sees them. The report merges the two files by s
 Neither log holds aqn's config, so the variant and seed come from a label
 (``aqn report baseline/seed1=runs/verl/b1.jsonl``) or from the file name
 (``aqn-qerl-seed2.jsonl``: variant ``aqn-qerl``, seed 2); AQN counts as enabled when the log
-holds ``aqn/*`` metrics (TRL runs with ``aqn.integrations.trl`` do; verl's logger does not
-carry the worker's: its ``.aqn.jsonl`` does).
+holds ``aqn/*`` metrics (TRL runs with ``aqn.integrations.trl`` do; verl runs launched by
+``aqn.integrations.verl`` have them in their ``.aqn.jsonl``).
 
 TensorBoard event files and wandb offline runs hold the same metrics under the same names
 when verl writes them (``trainer.logger=[tensorboard]`` / ``[wandb]``); when transformers'
