@@ -18,11 +18,11 @@ tokens (the counts are in the table; tok/s counts what each produced). Median of
 timed runs after one warm-up each; methods interleaved per repeat.
 
 --grpo-steps N (in .venv-vllm) then runs N steps of the smollm2-arith recipe with each
-backend and reports the median ``timing_s/step`` and ``timing_s/gen`` after the first step.
+backend and reports the median of each ``timing_s/*`` phase after the first step.
 
     .venv-vllm/bin/python bench/bench_engine.py [--model smollm2-135m-instruct|tiny-base]
         [--batch 16] [--new-tokens 64] [--dtype float32] [--repeats 3] [--threads 1]
-        [--engines hf,vllm] [--grpo-steps 3]
+        [--engines hf,vllm] [--no-enforce-eager] [--grpo-steps 3]
 
 --threads defaults to 1: on a shared machine torch's OpenMP threads spin on barriers when
 another process holds a core (a small matmul ran ~10x slower with 2 threads than with 1).
@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--modes", default="greedy,sampled,greedy-eos")
     parser.add_argument("--engines", default="hf,vllm" if vllm_version() else "hf",
                         help="hf: HFEngine and model.generate; vllm: VLLMEngine too")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="vLLM without torch.compile (aqn's default: "
+                             "actor_rollout_ref.rollout.enforce_eager)")
     parser.add_argument("--grpo-steps", type=int, default=0,
                         help="also time this many GRPO steps of smollm2-arith per backend")
     args = parser.parse_args()
@@ -118,7 +121,8 @@ def main() -> None:
     vllm_engine = None
     if use_vllm:
         vllm_engine = VLLMEngine(model, pad_token_id=pad, stop_token_ids=stops,
-                                 micro_batch_size=args.batch, max_model_len=1024)
+                                 micro_batch_size=args.batch, max_model_len=1024,
+                                 enforce_eager=args.enforce_eager)
 
     def vllm_run(mode: str):
         params = SamplingParams(max_new_tokens=T, do_sample=mode == "sampled")
@@ -199,7 +203,7 @@ def grpo_step_times(steps: int, backends: list[str]) -> None:
     from aqn.config import load_config
     from aqn.rl.trainer import GRPOTrainer
 
-    rows = {}
+    rows, tokens = {}, {}
     for name in backends:
         with tempfile.TemporaryDirectory() as root:
             cfg = load_config("smollm2-arith", [
@@ -214,16 +218,23 @@ def grpo_step_times(steps: int, backends: list[str]) -> None:
                      (Path(trainer.run_dir) / "metrics.jsonl").read_text().splitlines()]
         timed = [row for row in lines if "timing_s/step" in row][1:]  # the first warms up
         rows[name] = {k: statistics.median(r[k] for r in timed)
-                      for k in ("timing_s/step", "timing_s/gen")}
+                      for k in timed[0] if k.startswith("timing_s/")}
+        # the actor's work scales with the tokens sampled, which differ between backends
+        tokens[name] = statistics.median(r["response_length/mean"] for r in timed)
         print(f"  GRPO {name}: {rows[name]}", flush=True)
+    # every phase either backend timed, step first (a phase one of them lacks shows n/a)
+    phases = sorted({k for r in rows.values() for k in r}, key=lambda k: (k != "timing_s/step", k))
     print(f"\n## GRPO step, smollm2-arith (batch 4 x n 4), median of {steps - 1} steps after "
-          "the first\n\n| backend | timing_s/step | timing_s/gen |\n|---|---:|---:|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['timing_s/step']:.2f} | {r['timing_s/gen']:.2f} |")
+          "the first, seconds\n\n| phase | " + " | ".join(rows) + " |\n|---|"
+          + "---:|" * len(rows))
+    for k in phases:
+        print(f"| {k} | " + " | ".join(f"{r[k]:.2f}" if k in r else "n/a" for r in rows.values())
+              + " |")
+    print("| response_length/mean (tokens) | " + " | ".join(f"{t:.1f}" for t in tokens.values())
+          + " |")
     if "vllm" in rows:
         print(f"\nstep hf / vllm: {rows['hf']['timing_s/step'] / rows['vllm']['timing_s/step']:.2f}"
               f"; gen hf / vllm: {rows['hf']['timing_s/gen'] / rows['vllm']['timing_s/gen']:.2f}")
-
 
 if __name__ == "__main__":
     main()
