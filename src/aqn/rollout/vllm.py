@@ -50,12 +50,12 @@ def _no_chat_template_warmup_warning() -> Iterator[None]:
 @contextmanager
 def _trainer_keeps_torch_threads() -> Iterator[None]:
     """vLLM's CPU worker, built for a process of its own, turns ``torch.set_num_threads``
-    into a no-op for the whole process; in-process the trainer keeps its own."""
-    set_num_threads = torch.set_num_threads
+    into a no-op for the whole process (any vLLM engine started in it: TRL's too); the
+    trainer sharing the process gets torch's own back."""
     try:
         yield
     finally:
-        torch.set_num_threads = set_num_threads
+        torch.set_num_threads = torch._C.set_num_threads
 
 
 def vllm_version() -> str | None:
