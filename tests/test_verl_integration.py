@@ -22,7 +22,7 @@ from aqn.integrations.verl import (
     hydra_value,
     make_extension,
 )
-from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY, worker_noise_config
+from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY, START_KEY, worker_noise_config
 from aqn.noise import NoiseInjectionConfig
 from conftest import peer
 
@@ -157,7 +157,7 @@ class FakeVerlExtension:
 
 
 def worker(noise: dict | None, seed: int = 0, metrics_file: Path | None = None,
-           rank: int = 0):
+           rank: int = 0, start_step: int | None = None):
     ext = make_extension(FakeVerlExtension)()
     ext.rank = rank  # vLLM's Worker.rank
     ext.model_runner = type("Runner", (), {})()
@@ -166,6 +166,8 @@ def worker(noise: dict | None, seed: int = 0, metrics_file: Path | None = None,
     ext.vllm_config.additional_config = None if noise is None else {CONFIG_KEY: noise}
     if metrics_file is not None:
         ext.vllm_config.additional_config[METRICS_KEY] = str(metrics_file)
+    if start_step is not None:
+        ext.vllm_config.additional_config[START_KEY] = start_step
     return ext
 
 
@@ -326,3 +328,37 @@ def test_one_worker_logs_the_noise_beside_verls_log_and_the_report_merges_it(tmp
     log.unlink()
     with pytest.raises(ValueError, match="verl's log aqn-seed1.jsonl is not beside it"):
         find_runs([aqn_log])
+
+
+def test_a_resumed_run_continues_the_noise_schedule_where_verl_resumes(tmp_path, monkeypatch):
+    """The launcher finds the step verl will resume at (its resume_mode rules, its own
+    find_latest_ckpt_path); the workers' first sync then feeds that step, not step 0."""
+    on = ("trainer.total_training_steps=6", "+trainer.noise_injection.enabled=true",
+          "+trainer.noise_injection.seed=7", "+trainer.noise_injection.sigma_start=0.05",
+          "+trainer.noise_injection.sigma_end=0.05", "+trainer.noise_injection.num_stages=3",
+          "trainer.project_name=p", "trainer.experiment_name=e")
+    monkeypatch.chdir(tmp_path)
+
+    def start(*argv: str) -> int:
+        return launch(*on, *argv)[1][f"{ENGINE}.additional_config"][START_KEY]
+
+    peer("verl")
+    assert start() == 0  # no checkpoint yet: from scratch
+    checkpoints = tmp_path / "checkpoints" / "p" / "e"  # verl's default_local_dir
+    (checkpoints / "global_step_4").mkdir(parents=True)
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("4")
+    assert start() == 4
+    assert start("trainer.resume_mode=disable") == 0
+    assert start("trainer.resume_mode=resume_path",
+                 "trainer.resume_from_path=/ckpt/global_step_2") == 2
+
+    aqn_log = tmp_path / "e.aqn.jsonl"
+    resumed = worker(ON, metrics_file=aqn_log, start_step=4)
+    resumed.update_weights_from_ipc(trainer_weights(4))
+    fresh = worker(ON)
+    fresh.aqn_set_step(4)
+    fresh.update_weights_from_ipc(trainer_weights(4))
+    assert resumed.aqn_report()["aqn/sigma"] == SIGMA  # step 4: stage 2, not the warm-up
+    assert norms(resumed).keys() == norms(fresh).keys()
+    assert all(torch.equal(v, norms(fresh)[k]) for k, v in norms(resumed).items())
+    assert json.loads(aqn_log.read_text())["step"] == 5  # the row of the step it feeds

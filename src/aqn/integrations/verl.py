@@ -21,11 +21,13 @@ and the module path only), and norms the sync did not send keep their clean copy
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,14 +35,12 @@ from typing import Any
 from aqn.errors import ConfigError
 from aqn.experiments.foreign import aqn_metrics_file
 from aqn.integrations import KEY, resolve_noise
-from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY, AQNNoiseMixin
+from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY, START_KEY, AQNNoiseMixin
 from aqn.noise import NoiseInjectionConfig
 
 VERL_BASE = "verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension"
 EXTENSION = "aqn.integrations.verl.AQNColocateWorkerExtension"
 ENGINE = "actor_rollout_ref.rollout.engine_kwargs.vllm"
-TRAINER_KEYS = ("trainer.total_training_steps", "trainer.project_name",
-                "trainer.experiment_name")
 
 
 def make_extension(base: type) -> type:
@@ -98,28 +98,48 @@ def frozen_block(config: NoiseInjectionConfig) -> dict[str, Any]:
 
 def overrides(noise: NoiseInjectionConfig | Mapping[str, Any],
               total_steps: int | None = None, seed: int | None = None,
-              metrics_file: str | os.PathLike | None = None) -> list[str]:
-    """The two verl overrides that carry the resolved AQN block (and the file the workers
-    write their ``aqn/*`` metrics to) into vLLM's workers."""
+              metrics_file: str | os.PathLike | None = None, start_step: int = 0) -> list[str]:
+    """The two verl overrides that carry the resolved AQN block into vLLM's workers, with
+    the file they write their ``aqn/*`` metrics to and the step a resumed run starts at."""
     config = resolve_noise(noise, total_steps, seed)
-    additional = {CONFIG_KEY: frozen_block(config)}
+    additional: dict[str, Any] = {CONFIG_KEY: frozen_block(config), START_KEY: start_step}
     if metrics_file is not None:
         additional[METRICS_KEY] = os.path.abspath(metrics_file)  # workers' cwd is not ours
     return [f"+{ENGINE}.worker_extension_cls={EXTENSION}",
             f"+{ENGINE}.additional_config={hydra_value(additional)}"]
 
 
-def verl_default(key: str) -> Any:
-    """A ``trainer.*`` default of verl's own ppo_trainer.yaml (verl must be installed)."""
-    import importlib.util
+def verl_trainer_config(argv: Sequence[str]) -> dict[str, Any]:
+    """verl's ``trainer`` config for these overrides, resolved: its own ppo_trainer.yaml
+    composed by Hydra, as ``verl.trainer.main_ppo`` composes it."""
+    try:
+        import verl
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+    except ImportError as e:
+        raise ConfigError(f"needs verl and hydra installed ({e})", KEY) from None
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose("ppo_trainer", overrides=list(argv))
+    return OmegaConf.to_container(cfg.trainer, resolve=True)
 
-    import yaml
 
-    spec = importlib.util.find_spec("verl")
-    if spec is None or spec.origin is None:
-        raise ConfigError("unset, and verl (whose default it is) is not installed", key)
-    config = Path(spec.origin).parent / "trainer" / "config" / "ppo_trainer.yaml"
-    return yaml.safe_load(config.read_text(encoding="utf-8"))["trainer"][key.split(".")[-1]]
+def resumed_step(trainer: Mapping[str, Any]) -> int:
+    """The step verl resumes at: its trainer's ``_load_checkpoint`` rule, with verl's own
+    ``find_latest_ckpt_path`` (0: a run from scratch)."""
+    if trainer["resume_mode"] == "disable":
+        return 0
+    if trainer["resume_mode"] == "resume_path":
+        folder = trainer["resume_from_path"]
+    else:
+        # verl's package warns about every engine it lacks and the function prints what it
+        # finds: neither belongs on stdout, where --print writes the command
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+            folder = find_latest_ckpt_path(os.path.abspath(trainer["default_local_dir"]))
+    return 0 if folder is None else int(str(folder).split("global_step_")[-1])
 
 
 def metrics_file(project: str, experiment: str, environ: Mapping[str, str] = os.environ
@@ -133,15 +153,13 @@ def metrics_file(project: str, experiment: str, environ: Mapping[str, str] = os.
     return aqn_metrics_file(Path(log))
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """(the ``trainer.noise_injection`` block, the other overrides, the ``trainer.*`` values
-    the block depends on: ``TRAINER_KEYS`` that ``argv`` sets)."""
+def split_overrides(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """(the ``trainer.noise_injection`` block, the other overrides)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser  # verl's own
 
     parsed = OverridesParser.create().parse_overrides(list(argv))
     block: dict[str, Any] = {}
     rest: list[str] = []
-    trainer: dict[str, Any] = {}
     for text, override in zip(argv, parsed, strict=True):
         key = override.key_or_group
         if key.startswith(f"{KEY}."):
@@ -150,23 +168,21 @@ def split_overrides(argv: Sequence[str]) -> tuple[dict[str, Any], list[str], dic
         if key.startswith(f"{ENGINE}.worker_extension_cls") or key.startswith(
                 f"{ENGINE}.additional_config"):
             raise ConfigError("set by aqn.integrations.verl from trainer.noise_injection", key)
-        if key in TRAINER_KEYS and override.value() is not None:
-            trainer[key] = override.value()
         rest.append(text)
-    return block, rest, trainer
+    return block, rest
 
 
 def command(argv: Sequence[str]) -> list[str]:
     """verl's command line for ``argv``, with the AQN block resolved and frozen."""
-    block, rest, trainer = split_overrides(argv)
+    block, rest = split_overrides(argv)
     if not block.get("enabled", False):
         return [sys.executable, "-m", "verl.trainer.main_ppo", *rest]
-    names = [str(trainer[k]) if k in trainer else verl_default(k)
-             for k in ("trainer.project_name", "trainer.experiment_name")]
-    steps = trainer.get("trainer.total_training_steps")
+    trainer = verl_trainer_config(rest)
     return [sys.executable, "-m", "verl.trainer.main_ppo", *rest,
-            *overrides(block, total_steps=None if steps is None else int(steps),
-                       metrics_file=metrics_file(*names))]
+            *overrides(block, total_steps=trainer["total_training_steps"],
+                       metrics_file=metrics_file(trainer["project_name"],
+                                                 trainer["experiment_name"]),
+                       start_step=resumed_step(trainer))]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,6 +26,7 @@ from aqn.noise import NoiseInjectionConfig, NoiseInjector
 
 CONFIG_KEY = "aqn_noise"
 METRICS_KEY = "aqn_metrics_file"
+START_KEY = "aqn_start_step"  # the step a resumed run's first sync feeds
 CONFIG_PATH = f"actor_rollout_ref.rollout.engine_kwargs.vllm.additional_config.{CONFIG_KEY}"
 
 
@@ -45,8 +46,9 @@ def worker_noise_config(additional_config: Any) -> NoiseInjectionConfig:
 class AQNNoiseMixin:
     """Noise on vLLM's own RMSNorm weights after every weight sync, never accumulated.
 
-    Sync k (k = 0 is the sync before the first step) feeds aqn step k; ``aqn_set_step``
-    moves the counter (a resumed run, or a sync that feeds no step).
+    Sync k (k = 0 is the sync before the first step) feeds aqn step start + k, where start is
+    the step a resumed run resumes at (``additional_config["aqn_start_step"]``, found by the
+    launcher); ``aqn_set_step`` moves the counter (a sync that feeds no step).
     """
 
     def aqn_after_weight_sync(self) -> dict[str, float]:
@@ -58,7 +60,8 @@ class AQNNoiseMixin:
                 return {}
             # built at the first sync: before it the engine may hold dummy weights
             injector = self._aqn_injector = NoiseInjector(self.model_runner.model, config)
-            self._aqn_step = getattr(self, "_aqn_step", 0)
+            self._aqn_step = getattr(self, "_aqn_step", (
+                self.vllm_config.additional_config or {}).get(START_KEY, 0))
         else:
             injector.refresh_clean()  # a norm the sync did not send keeps its clean copy
         self._aqn_report = injector.apply(self._aqn_step)
