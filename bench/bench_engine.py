@@ -236,5 +236,6 @@ def grpo_step_times(steps: int, backends: list[str]) -> None:
         print(f"\nstep hf / vllm: {rows['hf']['timing_s/step'] / rows['vllm']['timing_s/step']:.2f}"
               f"; gen hf / vllm: {rows['hf']['timing_s/gen'] / rows['vllm']['timing_s/gen']:.2f}")
 
+
 if __name__ == "__main__":
     main()
