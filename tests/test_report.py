@@ -9,6 +9,7 @@ import yaml
 
 from aqn.experiments.report import build_report
 from aqn.experiments.runs import RunLoadError, find_runs
+from aqn.experiments.stats import paired_t_mde, seeds_needed
 from conftest import peer
 
 N_ITEMS = 100
@@ -153,7 +154,16 @@ def test_headline_rows_and_significance(report):
     assert tiny.delta == pytest.approx(0.0) and tiny.p_seeds == pytest.approx(1.0)
     assert tiny.significant is False
     assert "yes (p=0.0081)" in report.headline and "no (p=1)" in report.headline
-    assert "tiny: +0.00 points on 100 items is within noise: SE 4.92 points" in report.headline
+    # Seed differences +1 and -1 points: sd 1.41 points over 2 seeds (one degree of freedom)
+    sd = 2 ** 0.5
+    assert tiny.seed_sd == pytest.approx(sd / 100) and aqn.mde is not None
+    assert tiny.mde == pytest.approx(paired_t_mde(sd, 2) / 100)
+    assert 100 * tiny.mde > 10  # one degree of freedom: t_{0.975, 1} = 12.7
+    assert (f"tiny: +0.00 points vs baseline on 100 items is not significant (paired t-test "
+            f"over 2 seeds, p=1): undetermined: it could miss effects up to "
+            f"{100 * tiny.mde:.1f} points (MDE); about {seeds_needed(sd, 2.5)} seeds would "
+            "detect 2.5 points; SE 4.92 points") in report.headline
+    assert "MDE (points, 80 % power)" in report.headline
 
 
 def test_baseline_choice(fixture_runs, tmp_path):

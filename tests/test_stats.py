@@ -101,3 +101,79 @@ def test_seed_test_zero_variance_is_undetermined():
     assert r.mean_diff == pytest.approx(0.03) and r.ci_low is None
     r = seed_test({1: 0.5, 2: 0.25}, {1: 0.5, 2: 0.25})
     assert r.p_value is None and "zero variance" in r.method
+
+
+# --- power: the minimal detectable effect (MDE) -------------------------------------------
+
+
+def test_paired_t_mde_against_the_hand_formula():
+    from scipy import stats as sps
+
+    from aqn.experiments.stats import paired_t_mde
+
+    # By hand: MDE ~ (t_{0.975, n-1} + t_{0.8, n-1}) sd / sqrt(n), close for n >= 5 ...
+    for n in (5, 10, 30):
+        hand = (sps.t.ppf(0.975, n - 1) + sps.t.ppf(0.8, n - 1)) * 3.0 / math.sqrt(n)
+        assert paired_t_mde(3.0, n) == pytest.approx(hand, rel=0.03)
+    # ... and the normal one for many seeds: (1.96 + 0.8416) sd / sqrt(n)
+    assert paired_t_mde(2.0, 400) == pytest.approx(2.8016 * 2.0 / 20, rel=0.005)
+    # Two seeds leave one degree of freedom: t_{0.975, 1} = 12.7, so the MDE is huge.
+    assert paired_t_mde(1.0, 2) > 10
+    with pytest.raises(ValueError):
+        paired_t_mde(0.0, 4)
+
+
+def test_paired_t_mde_has_its_power_in_simulation():
+    from scipy import stats as sps
+
+    from aqn.experiments.stats import paired_t_mde
+
+    rng = np.random.default_rng(0)
+    for n, sd in ((3, 2.5), (6, 1.0)):
+        mde = paired_t_mde(sd, n)
+        diffs = rng.normal(mde, sd, size=(40_000, n))
+        rejected = sps.ttest_1samp(diffs, 0.0, axis=1).pvalue < 0.05
+        assert rejected.mean() == pytest.approx(0.80, abs=0.01)
+        at_half = sps.ttest_1samp(rng.normal(mde / 2, sd, size=(40_000, n)), 0.0,
+                                  axis=1).pvalue < 0.05
+        assert at_half.mean() < 0.5  # a smaller effect is missed more often
+
+
+def test_seeds_needed():
+    from aqn.experiments.stats import paired_t_mde, seeds_needed
+
+    # Cohen's dz = 1 (effect = sd) needs 10 pairs at 80 % power (power 0.803 at n = 10).
+    assert seeds_needed(1.0, 1.0) == 10
+    n = seeds_needed(3.0, 2.5)
+    assert paired_t_mde(3.0, n) <= 2.5 < paired_t_mde(3.0, n - 1)
+    assert seeds_needed(100.0, 0.01) is None  # beyond MAX_SEEDS
+
+
+def test_seed_test_states_its_mde():
+    from aqn.experiments.stats import paired_t_mde
+
+    a = {1: 0.60, 2: 0.62, 3: 0.58, 4: 0.61}
+    b = {1: 0.63, 2: 0.62, 3: 0.62, 4: 0.66}
+    r = seed_test(a, b)
+    sd = float(np.std([0.03, 0.0, 0.04, 0.05], ddof=1))
+    assert r.sd == pytest.approx(sd)
+    assert r.mde == pytest.approx(paired_t_mde(sd, 4))
+
+
+def test_mcnemar_mde_matches_a_simulation_of_mcnemar():
+    from aqn.experiments.stats import mcnemar_mde
+
+    n, disc = 400, 0.2
+    mde = mcnemar_mde(disc, n)
+    assert mde == pytest.approx(2.8016 * math.sqrt(disc / n), rel=1e-3)
+    # Items discordant with probability 0.2, skewed so that acc(b) - acc(a) = mde on average.
+    rng = np.random.default_rng(2)
+    p_b = 0.5 + mde / (2 * disc)
+    hits = 0
+    for _ in range(2_000):
+        d = rng.random(n) < disc
+        b_wins = rng.random(n) < p_b
+        a = np.where(d & ~b_wins, 1, 0).astype(bool)
+        b = np.where(d & b_wins, 1, 0).astype(bool)
+        hits += mcnemar(a, b).p_value < 0.05
+    assert hits / 2_000 == pytest.approx(0.80, abs=0.05)  # exact test vs normal approximation

@@ -14,15 +14,23 @@ from aqn.experiments.render import fmt_p, fmt_pct, fmt_pts, fmt_steps
 from aqn.experiments.runs import RunData
 from aqn.experiments.stats import (
     ALPHA,
+    MAX_SEEDS,
+    POWER,
     BootstrapResult,
     SeedTestResult,
     accuracy_se,
     avg,
     mcnemar,
+    mcnemar_mde,
     mean_curve,
     paired_bootstrap,
     seed_test,
+    seeds_needed,
 )
+
+# The effect a comparison should be able to detect (points) before "no effect" is a verdict:
+# the seed's follow-up states its own CI as +-2.5 points; `aqn report --mde` changes it.
+TARGET_MDE_POINTS = 2.5
 
 
 def machine_label(machine: dict) -> str:
@@ -62,6 +70,11 @@ class HeadlineRow:
     p_value: float | None = None  # the p that decides `significant`
     test: str = ""  # which test decided
     significant: bool | None = None  # None for the baseline or when nothing is testable
+    against: str = ""  # the group it is compared with
+    # Minimal detectable effect of the deciding test (80 % power, alpha 0.05), a fraction,
+    # and the spread it comes from (sd of the per-seed differences; None for McNemar).
+    mde: float | None = None
+    seed_sd: float | None = None
 
 
 def by_seed(runs: Iterable[RunData]) -> dict[int, RunData]:
@@ -148,6 +161,7 @@ def compare(row: HeadlineRow, base: HeadlineRow, a_runs: dict[int, RunData],
         b_correct += bc
         for x, y in pairs:
             item_scores.setdefault(x["id"], []).append((float(x["score"]), float(y["score"])))
+    row.against = base.variant
     if a_correct:
         row.p_mcnemar = mcnemar(a_correct, b_correct).p_value
         # Bootstrap over items with each item's scores averaged over seeds: the same item
@@ -164,6 +178,31 @@ def compare(row: HeadlineRow, base: HeadlineRow, a_runs: dict[int, RunData],
     row.p_value, row.test = deciding_test(row.seeds, row.p_mcnemar)
     if row.p_value is not None:
         row.significant = row.p_value < ALPHA
+    if row.seeds.p_value is not None:
+        row.mde, row.seed_sd = row.seeds.mde, row.seeds.sd
+    elif row.p_value is not None:  # McNemar over one seed's items
+        discordant = sum(x != y for x, y in zip(a_correct, b_correct, strict=True))
+        if discordant:
+            row.mde = mcnemar_mde(discordant / len(a_correct), len(a_correct))
+
+
+def power_verdict(row: HeadlineRow, target_points: float = TARGET_MDE_POINTS) -> str:
+    """What a comparison that is not significant rules out: "no effect larger than X
+    points" when its MDE is within ``target_points``, else "undetermined" with the seeds that
+    would detect ``target_points`` (from the observed seed-to-seed spread)."""
+    if row.mde is None:
+        return "undetermined: no spread to compute a minimal detectable effect from (add seeds)"
+    mde = 100 * row.mde
+    if mde <= target_points:
+        return (f"no effect larger than {mde:.1f} points (MDE at {POWER:.0%} power, "
+                f"alpha {ALPHA})")
+    if row.seed_sd is None or row.seed_sd == 0:
+        more = "add seeds: one seed cannot separate training noise from an effect"
+    else:
+        n = seeds_needed(100 * row.seed_sd, target_points)
+        more = (f"about {n} seeds would detect {target_points:g} points" if n else
+                f"more than {MAX_SEEDS} seeds would be needed for {target_points:g} points")
+    return f"undetermined: it could miss effects up to {mde:.1f} points (MDE); {more}"
 
 
 # --- did the baseline learn? -------------------------------------------------------------
@@ -190,10 +229,12 @@ class LearningResult:
                     "validation of the base model (trainer.val_before_train) and a later one.")
         verdict = {True: "learned", False: "did NOT learn significantly",
                    None: "cannot be judged"}[self.learned]
+        mde = self.seeds.mde if self.seeds is not None else None
+        power = "" if mde is None else f", MDE {100 * mde:.1f} points"
         return (f"Baseline ({self.variant}) {verdict}: {fmt_pts(self.delta)} points over the base "
                 f"model ({fmt_pct(self.base_mean)} % at step {self.base_step} -> "
                 f"{fmt_pct(self.final_mean)} % final), {self.test}, p = {fmt_p(self.p_value)}"
-                f"; McNemar over items p = {fmt_p(self.p_mcnemar)}.")
+                f"{power}; McNemar over items p = {fmt_p(self.p_mcnemar)}.")
 
 
 def learning_result(variant: str, runs: dict[int, RunData]) -> LearningResult:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aqn import metric_keys as keys
 from aqn.experiments.analysis import (
+    TARGET_MDE_POINTS,
     HeadlineRow,
     LearningResult,
     by_seed,
@@ -23,6 +24,7 @@ from aqn.experiments.analysis import (
     machine_label,
     noise_warnings,
     pick_baseline,
+    power_verdict,
     variant_row,
 )
 from aqn.experiments.render import (
@@ -99,7 +101,8 @@ def _comparison_cells(r: HeadlineRow, base: HeadlineRow) -> list[str]:
     verdict = "n/a"
     if r.significant is not None:
         verdict = f"{'yes' if r.significant else 'no'} (p={fmt_p(r.p_value)})"
-    return [delta, mcn, boot, seeds, verdict]
+    mde = "n/a" if r.mde is None else f"{100 * r.mde:.2f}"
+    return [delta, mcn, boot, seeds, verdict, mde]
 
 
 def _headline_table(rows: list[HeadlineRow]) -> Table:
@@ -109,17 +112,20 @@ def _headline_table(rows: list[HeadlineRow]) -> Table:
         peak = "n/a" if r.peak_step is None else f"{fmt_pct(r.peak_mean)} (step {r.peak_step})"
         cells = [r.variant, str(r.n_seeds), ", ".join(map(str, r.final_steps)) or "n/a",
                  fmt_pct(r.final_mean), peak, "n/a" if r.se is None else f"{100 * r.se:.2f}"]
-        comparison = ["", "", "", "", "(baseline)"] if i == 0 else _comparison_cells(r, rows[0])
+        comparison = (["", "", "", "", "(baseline)", ""] if i == 0
+                      else _comparison_cells(r, rows[0]))
         out.append(cells + comparison)
     return Table(
         ["variant", "seeds", "final step", "final acc %", "peak acc % (step)",
          "SE one acc (points)", "Δ final (points)", "McNemar p (pooled; per seed)",
-         "bootstrap Δ [95% CI]", "seed t-test Δ [95% CI]", "significant?"],
+         "bootstrap Δ [95% CI]", "seed t-test Δ [95% CI]", "significant?",
+         "MDE (points, 80 % power)"],
         out,
     )
 
 
-def _headline_notes(rows: list[HeadlineRow], baseline: str) -> list[str]:
+def _headline_notes(rows: list[HeadlineRow], baseline: str,
+                    target_points: float = TARGET_MDE_POINTS) -> list[str]:
     notes = []
     for r in rows:
         if r.variant == baseline or r.delta is None:
@@ -138,14 +144,19 @@ def _headline_notes(rows: list[HeadlineRow], baseline: str) -> list[str]:
             )
         else:
             notes.append(
-                f"{r.variant}: {fmt_pts(r.delta)} points on {items} is within noise: "
-                f"{se} for one accuracy ({r.test}, p={fmt_p(r.p_value)})."
+                f"{r.variant}: {fmt_pts(r.delta)} points vs {baseline} on {items} is not "
+                f"significant ({r.test}, p={fmt_p(r.p_value)}): "
+                f"{power_verdict(r, target_points)}; {se} for one accuracy."
             )
     notes.append(
         f"Significance at alpha {ALPHA}: the paired t-test over seeds decides when there are "
         "2 or more paired seeds (it covers training noise); with one seed only McNemar over "
         "the same items is available, which shows that two checkpoints differ, not that a "
-        "method is better."
+        "method is better. The MDE is the smallest true difference that test detects with "
+        "80 % power, from the spread it observed (the per-seed differences; for McNemar the "
+        "discordant items); with 2 seeds the t-test has one degree of freedom and its MDE is "
+        f"large. A result counts as 'no effect' only when its MDE is at most {target_points:g} "
+        "points (`aqn report --mde`)."
     )
     return notes
 

@@ -7,6 +7,10 @@ paired test says so. Two kinds of noise matter and are tested separately:
 - evaluation noise (which items happen to be in the test set): McNemar and the paired
   bootstrap, both paired over the same items;
 - training noise (which seed the run drew): a paired t-test over seeds.
+
+A comparison that is not significant says how large an effect it could have missed: its
+minimal detectable effect (MDE), the true difference the deciding test would find with 80 %
+power at alpha 0.05, from the spread it observed.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
+from scipy.optimize import brentq
 
 ALPHA = 0.05
+POWER = 0.8
+MAX_SEEDS = 1000  # seeds_needed gives up (None) beyond this
 
 
 def accuracy_se(p: float, n: int) -> float:
@@ -124,6 +131,8 @@ class SeedTestResult:
     ci_high: float | None
     p_value: float | None
     method: str
+    sd: float | None = None  # standard deviation of the per-seed differences
+    mde: float | None = None  # paired_t_mde at that sd and n_seeds
 
 
 def seed_test(a_by_seed: dict[int, float], b_by_seed: dict[int, float]) -> SeedTestResult:
@@ -147,8 +156,66 @@ def seed_test(a_by_seed: dict[int, float], b_by_seed: dict[int, float]) -> SeedT
     a = np.array([a_by_seed[s] for s in seeds])
     b = np.array([b_by_seed[s] for s in seeds])
     p_value = float(sps.ttest_rel(b, a).pvalue)
-    half = float(sps.t.ppf(0.975, n - 1)) * float(diffs.std(ddof=1)) / math.sqrt(n)
-    return SeedTestResult(n, mean, mean - half, mean + half, p_value, "paired t-test")
+    sd = float(diffs.std(ddof=1))
+    half = float(sps.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return SeedTestResult(n, mean, mean - half, mean + half, p_value, "paired t-test", sd,
+                          paired_t_mde(sd, n))
+
+
+def paired_t_power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test over ``n`` pairs whose differences have standard
+    deviation ``sd``, against a true mean difference ``effect`` (noncentral t)."""
+    if n < 2 or sd <= 0:
+        raise ValueError(f"paired_t_power needs n >= 2 and sd > 0, got n={n}, sd={sd}")
+    df, nc = n - 1, abs(effect) * math.sqrt(n) / sd
+    crit = float(sps.t.ppf(1 - alpha / 2, df))
+    # the far tail can come back NaN from scipy where it underflows: it is 0 there
+    tails = np.nan_to_num([sps.nct.sf(crit, df, nc), sps.nct.cdf(-crit, df, nc)])
+    return float(tails.sum())
+
+
+def paired_t_mde(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true mean difference the paired t-test over ``n`` seeds detects with
+    ``power`` (same units as ``sd``, the standard deviation of the per-seed differences)."""
+    if n < 2 or not sd > 0:
+        raise ValueError(f"paired_t_mde needs n >= 2 and sd > 0, got n={n}, sd={sd}")
+    high = sd
+    while paired_t_power(high, sd, n, alpha) < power:
+        high *= 2
+    return float(brentq(lambda e: paired_t_power(e, sd, n, alpha) - power, 0.0, high,
+                        xtol=1e-12 * sd))
+
+
+def seeds_needed(sd: float, effect: float, alpha: float = ALPHA,
+                 power: float = POWER) -> int | None:
+    """The fewest seeds (>= 2) whose paired t-test detects ``effect`` with ``power``; None
+    beyond ``MAX_SEEDS``."""
+    if not sd > 0 or not effect > 0:
+        raise ValueError(f"seeds_needed needs sd > 0 and effect > 0, got {sd}, {effect}")
+    low, high = 2, 2
+    while paired_t_mde(sd, high, alpha, power) > effect:  # bracket, then bisect
+        if high >= MAX_SEEDS:
+            return None
+        low, high = high, min(2 * high, MAX_SEEDS)
+    while low < high:
+        mid = (low + high) // 2
+        if paired_t_mde(sd, mid, alpha, power) <= effect:
+            high = mid
+        else:
+            low = mid + 1
+    return high
+
+
+def mcnemar_mde(discordant: float, n_items: int, alpha: float = ALPHA,
+                power: float = POWER) -> float:
+    """MDE (a fraction) of McNemar's test over ``n_items`` paired items, a fraction
+    ``discordant`` of which the two runs score differently (normal approximation: the
+    difference has standard error sqrt(discordant / n) under the null)."""
+    if n_items <= 0 or not 0 < discordant <= 1:
+        raise ValueError(f"mcnemar_mde needs n_items > 0 and 0 < discordant <= 1, got "
+                         f"{n_items}, {discordant}")
+    z = float(sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power))
+    return z * math.sqrt(discordant / n_items)
 
 
 def avg(values: Iterable[float]) -> float | None:
