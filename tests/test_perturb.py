@@ -28,11 +28,11 @@ from conftest import logits, smoke
 
 def test_registry_declares_each_perturbation_once():
     assert [s.name for s in REGISTRY] == [
-        "quant", "act_quant", "numerics", "op_noise", "aqn", "activation_noise",
+        "quant", "weight_noise", "act_quant", "numerics", "op_noise", "aqn", "activation_noise",
         "actor_act_quant", "actor_numerics", "actor_op_noise"]
     assert {s.name: s.in_validation for s in REGISTRY if s.side == "rollout"} == {
-        "quant": True, "act_quant": True, "numerics": True, "op_noise": True, "aqn": False,
-        "activation_noise": False}
+        "quant": True, "weight_noise": True, "act_quant": True, "numerics": True,
+        "op_noise": True, "aqn": False, "activation_noise": False}
     assert {s.name for s in REGISTRY if s.side == "actor"} == {
         "actor_act_quant", "actor_numerics", "actor_op_noise"}
     assert len({s.metric_prefix for s in REGISTRY}) == len(REGISTRY)
@@ -189,15 +189,21 @@ EVERY_PERTURBATION = [*("trainer.noise_injection.enabled=true",
                       "actor_rollout_ref.rollout.quantization=int4",
                       "actor_rollout_ref.rollout.numerics=npu-like",
                       "actor_rollout_ref.rollout.activation_noise=0.05"]
+# weight noise writes the Linear weights quantization writes: one or the other
+WITH_WEIGHT_NOISE = [*(o for o in EVERY_PERTURBATION if ".quantization=" not in o),
+                     "actor_rollout_ref.rollout.weight_noise.scale=0.1"]
 
 
 def slots(model: nn.Module) -> dict[str, torch.Tensor]:
     return {slot: param for slot, _, _, param in parameter_slots(model)}
 
 
-def test_writes_names_every_parameter_a_perturbation_changes(tmp_path):
+@pytest.mark.parametrize("perturbations, linear_writer", [
+    (EVERY_PERTURBATION, "quant"), (WITH_WEIGHT_NOISE, "weight_noise")])
+def test_writes_names_every_parameter_a_perturbation_changes(tmp_path, perturbations,
+                                                             linear_writer):
     """The engine shares what no perturbation writes, so a missing entry would leak."""
-    trainer = GRPOTrainer(smoke(tmp_path, *EVERY_PERTURBATION,
+    trainer = GRPOTrainer(smoke(tmp_path, *perturbations,
                                 "actor_rollout_ref.rollout.share_weights=false"))
     engine = trainer.engine
     before = {k: p.detach().clone() for k, p in slots(engine.model).items()}
@@ -207,7 +213,7 @@ def test_writes_names_every_parameter_a_perturbation_changes(tmp_path):
     assert changed, "nothing changed: the test would prove nothing"
     assert all(id(slots(engine.model)[k]) in declared for k in changed), changed
     by_name = {p.name: len(p.writes()) for p in engine.perturbations.all}
-    assert by_name["aqn"] > 0 and by_name["quant"] > 0
+    assert by_name["aqn"] > 0 and by_name[linear_writer] == 28  # every Linear but the head
     assert by_name["numerics"] == by_name["activation_noise"] == 0
 
 

@@ -13,6 +13,12 @@ def val_core(source: str, what: str, n: int) -> str:
     return f"val-core/{source}/{what}/mean@{n}"
 
 
+def val_clean(source: str, what: str, n: int) -> str:
+    """The same as ``val_core`` for the final policy validated with no perturbation at all
+    (trainer.validate_clean_at_end): what it learned, apart from where it runs."""
+    return f"val-clean/{source}/{what}/mean@{n}"
+
+
 VAL_CORE = re.compile(r"val-core/(?P<source>.+)/(?P<what>reward|acc)/mean@(?P<n>\d+)")
 
 
@@ -42,6 +48,7 @@ RESPONSE_LENGTH = "response_length/mean"
 THROUGHPUT = "perf/throughput"
 ABS_LOGP_DIFF = "rollout_corr/abs_logp_diff_mean"
 K3_KL = "rollout_corr/k3_kl"
+ROLLOUT_KL = "rollout_corr/kl"  # verl's mean(-log r) over tokens
 PROBS_DIFF = "training/rollout_probs_diff_mean"
 
 # AQN (aqn.noise.injector writes them, the report reads them)

@@ -16,6 +16,7 @@ from aqn.noise.config import NoiseInjectionConfig
 from aqn.numerics import PROFILES
 from aqn.numerics.op_noise import OpNoiseConfig
 from aqn.quant import FORMATS
+from aqn.quant.weight_noise import WeightNoiseConfig
 
 
 def _check_hardware(quantization: str | None, numerics: str,
@@ -193,6 +194,15 @@ class RolloutConfig:
     # rollout", as FP8/INT8 rollouts do) and a numerics profile (aqn.numerics: gpu-like,
     # npu-like, npu-naive; reference: none).
     quantization: str | None = None  # an aqn.quant format: nvfp4, mxfp4, int4, int8, fp8_e4m3
+    # A dose of that quantization's error: the engine holds w + a (Q(w) - w), a = this
+    # (1: Q(w) itself, bit for bit; 2, 4: the same error amplified; quant/rel_l2 scales by a).
+    # Needs quantization. Must be > 0: a = 0 would write the clean weights under a quantized
+    # name; that point of a dose sweep is its unperturbed run (quantization: null).
+    quant_error_scale: float = 1.0
+    # Random noise of matched size on the same Linear weights (a model of quantization error):
+    # w_clean + scale rms(w) eps, eps fresh per step, seeded (aqn.quant.weight_noise); kept in
+    # validation, as quantization. Not with quantization (both write those weights).
+    weight_noise: WeightNoiseConfig = field(default_factory=WeightNoiseConfig)
     numerics: str = "reference"
     # Relative Gaussian noise on the RMSNorm outputs of the engine, fresh per call:
     # y <- y + sigma |y| eps (aqn.noise.activation). 0: off. Off in validation, as AQN.
@@ -214,6 +224,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _check_hardware(self.quantization, self.numerics, self.activation_quantization)
+        self._check_weight_perturbations()
         if self.name == "vllm":
             self._check_vllm()
         if not (math.isfinite(self.activation_noise) and self.activation_noise >= 0):
@@ -226,6 +237,24 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"must be in (0, 1], got {self.top_p}", "top_p")
 
+    def _check_weight_perturbations(self) -> None:
+        a = self.quant_error_scale
+        if not (math.isfinite(a) and a > 0):
+            raise ConfigError(f"must be a finite number > 0, got {a} (0 would write the clean "
+                              "weights under a quantized name: the clean point of a dose "
+                              "sweep is its run with quantization null)", "quant_error_scale")
+        # the seed's failure class: a perturbation configured that nothing would apply
+        if a != 1 and self.quantization is None:
+            raise ConfigError(f"is {a}, but quantization is null, so there is no quantization "
+                              "error to scale and it would do nothing; set quantization "
+                              "(e.g. nvfp4) or leave quant_error_scale at 1",
+                              "quant_error_scale")
+        if self.weight_noise.enabled and self.quantization is not None:
+            raise ConfigError("weight noise and quantization both write the engine's Linear "
+                              "weights from the clean ones, so the later would replace the "
+                              "other; use one of them (weight noise of matched size stands "
+                              "in for quantization)", "weight_noise.scale")
+
     def _check_vllm(self) -> None:
         # What vLLM's own modules can carry: in place on its RMSNorm weights (AQN), and weight
         # quantization in the weights each sync loads. Its Linear layers are packed into
@@ -234,7 +263,8 @@ class RolloutConfig:
         hooked = {"activation_quantization": self.activation_quantization is not None,
                   "numerics": self.numerics != "reference",
                   "op_noise": self.op_noise.enabled,
-                  "activation_noise": self.activation_noise > 0}
+                  "activation_noise": self.activation_noise > 0,
+                  "weight_noise.scale": self.weight_noise.enabled}
         for key, on in hooked.items():
             if on:
                 raise ConfigError(
@@ -242,6 +272,11 @@ class RolloutConfig:
                     "in-place weights) that vLLM replaces by packed kernels; run it on the "
                     "hf engine (name=hf). AQN (trainer.noise_injection) works on vLLM's own "
                     "RMSNorm modules, weight quantization on the weights vLLM loads", key)
+        if self.quant_error_scale != 1:  # LoadTimeWeightQuantizer takes it; aqn.rl.builder not
+            raise ConfigError("is not supported with name=vllm yet: vLLM's load-time "
+                              "quantizer is built without it, so its rollouts would hold Q(w) "
+                              "itself; run a scaled error on the hf engine (name=hf)",
+                              "quant_error_scale")
         # vLLM's sampled-token log-probs are renormalized over the top-k / top-p set; aqn
         # and verl score log_softmax(logits / T) over the whole vocabulary
         if self.top_k > 0 or self.top_p < 1:
@@ -296,6 +331,11 @@ class TrainerConfig:
     val_before_train: bool = True
     # Validate the perturbed engine instead of clean weights (docs/reference.md, defect 7).
     validate_with_perturbation: bool = False
+    # When validation runs on a perturbed engine (simulated hardware, or the above): validate
+    # the final policy clean too (val/clean_step_<N>.jsonl, val-clean/* metrics), so a
+    # report can tell what training under a mismatch did to the policy from what the
+    # perturbation costs where it runs.
+    validate_clean_at_end: bool = True
     save_freq: int = 50  # checkpoint every N steps (and at the end); <= 0: only at the end
     default_local_dir: str = "runs"  # the run directory is <default_local_dir>/<experiment_name>
     resume: bool = False  # continue from the run directory's last checkpoint

@@ -28,8 +28,10 @@ from aqn.numerics import NumericsEmulator
 from aqn.numerics.op_noise import OpNoise, OpNoiseConfig
 from aqn.quant import WeightQuantizer
 from aqn.quant.activation import ActivationQuantizer
+from aqn.quant.weight_noise import WeightNoise
 
-Kind = Literal["noise", "quantization", "numerics", "activation", "matmul-output"]
+Kind = Literal["noise", "quantization", "numerics", "activation", "matmul-output",
+               "weight-noise"]
 
 
 class Perturbation(Protocol):
@@ -120,7 +122,17 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
         in_validation=True, metric_prefix="quant/",
         report_section="Simulated weight quantization of the rollout",
         enabled=lambda cfg: _rollout(cfg).quantization is not None,
-        build=lambda model, cfg: WeightQuantizer(model, _rollout(cfg).quantization)),
+        build=lambda model, cfg: WeightQuantizer(
+            model, _rollout(cfg).quantization,
+            error_scale=_rollout(cfg).quant_error_scale)),
+    PerturbationSpec(
+        name="weight_noise", kind="weight-noise",
+        config_key="actor_rollout_ref.rollout.weight_noise",
+        in_validation=True, metric_prefix="weight_noise/",
+        report_section="Weight noise of the rollout (a model of quantization error)",
+        enabled=lambda cfg: _rollout(cfg).weight_noise.enabled,
+        build=lambda model, cfg: WeightNoise(model, _rollout(cfg).weight_noise,
+                                             cfg.trainer.seed)),
     PerturbationSpec(
         name="act_quant", kind="quantization",
         config_key="actor_rollout_ref.rollout.activation_quantization",
@@ -303,7 +315,7 @@ def _touches(p: Perturbation) -> list[str]:
         return [name for found in p.targets.values() for name, _ in found]
     if isinstance(p, NormOutputNoise):
         return [path for path, _ in p.targets]
-    return list(p.targets)  # the quantizers: paths already
+    return list(p.targets)  # the quantizers and weight noise: paths already
 
 
 def describe_plan(cfg: AQNConfig, sides: Mapping[str, Perturbations]) -> str:

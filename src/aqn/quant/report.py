@@ -1,8 +1,10 @@
-"""How much a fake quantization changed the weights: per layer and pooled over the model."""
+"""How much a perturbation (fake quantization, weight noise) changed the weights: per layer
+and pooled over the model."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +53,23 @@ class LayerError:
         return _sqnr_db(self.err_sq, self.ref_sq)
 
 
+def error_metrics(prefix: str, layers: Sequence[LayerError]) -> dict[str, float]:
+    """The error written into ``layers``, pooled over all of them (so large layers weigh
+    more, not a mean of layers): ``<prefix>rel_l2`` = sqrt(sum ||err||^2 / sum ||w||^2)."""
+    err_sq, ref_sq = sum(x.err_sq for x in layers), sum(x.ref_sq for x in layers)
+    return {
+        f"{prefix}rel_l2": _rel_l2(err_sq, ref_sq),
+        f"{prefix}sqnr_db": _sqnr_db(err_sq, ref_sq),
+        f"{prefix}max_layer_rel_l2": max((x.rel_l2 for x in layers), default=0.0),
+        f"{prefix}num_params": float(sum(x.numel for x in layers)),
+    }
+
+
 @dataclass(frozen=True)
 class QuantReport:
     fmt: str
     layers: tuple[LayerError, ...]
+    error_scale: float = 1.0  # the layers hold w + a (Q(w) - w) (aqn.quant.model)
 
     @property
     def num_params(self) -> int:
@@ -70,17 +85,16 @@ class QuantReport:
         return _sqnr_db(sum(x.err_sq for x in self.layers), sum(x.ref_sq for x in self.layers))
 
     def metrics(self) -> dict[str, float]:
-        return {
-            "quant/rel_l2": self.rel_l2,
-            "quant/sqnr_db": self.sqnr_db,
-            "quant/max_layer_rel_l2": max((x.rel_l2 for x in self.layers), default=0.0),
-            "quant/num_layers": float(len(self.layers)),
-            "quant/num_params": float(self.num_params),
-        }
+        metrics = {**error_metrics("quant/", self.layers),
+                   "quant/num_layers": float(len(self.layers))}
+        if self.error_scale != 1:  # logged only when set: the metrics of a = 1 stay as before
+            metrics["quant/error_scale"] = self.error_scale
+        return metrics
 
     def table(self) -> str:
         width = max([len(x.path) for x in self.layers] + [len("overall (pooled)")])
-        lines = [f"fake quantization {self.fmt}: {len(self.layers)} layers, "
+        scaled = f" (error x{self.error_scale:g})" if self.error_scale != 1 else ""
+        lines = [f"fake quantization {self.fmt}{scaled}: {len(self.layers)} layers, "
                  f"{self.num_params:,} parameters",
                  f"{'layer':<{width}}  {'shape':>11}  {'rel L2 %':>8}  {'SQNR dB':>7}"]
         for x in self.layers:

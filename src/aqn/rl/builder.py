@@ -82,7 +82,9 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine | VLLMEngine:
     if arr.rollout.name == "vllm":
         return _build_vllm_engine(cfg, policy)
     if arr.rollout.share_weights:
-        engine_model = _sharing_copy(policy.model, own_linears=arr.rollout.quantization is not None)
+        # the weight perturbations write the engine's Linear weights: it owns them then
+        engine_model = _sharing_copy(policy.model, own_linears=arr.rollout.quantization
+                                     is not None or arr.rollout.weight_noise.enabled)
     else:
         engine_model = copy.deepcopy(policy.model)
     perturbations = build_perturbations(engine_model, cfg)

@@ -319,21 +319,25 @@ class GRPOTrainer:
 
     # -- validation -----------------------------------------------------------------------
 
-    def validate(self, step: int, val: ValKwargs | None = None) -> dict[str, float]:
+    def validate(self, step: int, val: ValKwargs | None = None,
+                 clean: bool = False) -> dict[str, float]:
         """Greedy on the validation split, without AQN noise unless asked otherwise.
 
         ``val`` replaces the config's ``val_kwargs`` (``aqn evaluate --pass-k``); its
         per-item results go to ``val/sampled@<n>_step_<step>.jsonl``, beside (not over) the
-        greedy ``val/step_<step>.jsonl`` that reports read.
+        greedy ``val/step_<step>.jsonl`` that reports read. ``clean``: with no perturbation
+        at all (what the policy learned, apart from where it runs), to
+        ``val/clean_step_<step>.jsonl`` and ``val-clean/*`` metrics.
         """
         t = self.cfg.trainer
         file = f"step_{step}.jsonl" if val is None else f"sampled@{val.n}_step_{step}.jsonl"
+        file = f"clean_{file}" if clean else file
         val = val or self.cfg.actor_rollout_ref.rollout.val_kwargs
         self.engine.sync_weights(self.policy)
         self.engine.perturbations.restore()  # clean even if a sync left a norm noisy
         # Simulated hardware (quantization, numerics) is where the model runs, so it stays;
         # noise is a training device, left out unless asked (each registry entry declares it).
-        applied = self.engine.perturbations.apply(
+        applied = {} if clean else self.engine.perturbations.apply(
             step, validation=not t.validate_with_perturbation)
         extra = {f"{keys.VAL_AUX}{k}": v for k, v in applied.items()}
         params = SamplingParams(max_new_tokens=self.cfg.data.max_response_length, n=val.n,
@@ -357,9 +361,9 @@ class GRPOTrainer:
                          "correct": reward >= CORRECT_AT})
         path = self.run_dir / "val" / file
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-        source = self.data_source
-        out = {keys.val_core(source, "reward", val.n): sum(r["score"] for r in rows) / len(rows),
-               keys.val_core(source, "acc", val.n): sum(r["correct"] for r in rows) / len(rows),
+        source, key = self.data_source, keys.val_clean if clean else keys.val_core
+        out = {key(source, "reward", val.n): sum(r["score"] for r in rows) / len(rows),
+               key(source, "acc", val.n): sum(r["correct"] for r in rows) / len(rows),
                **extra}
         if val.n > 1:  # sampled validation: how much a group of n could teach GRPO
             solved: dict[int, bool] = {}
@@ -371,6 +375,13 @@ class GRPOTrainer:
         return out
 
     # -- the loop -------------------------------------------------------------------------
+
+    @property
+    def validation_is_perturbed(self) -> bool:
+        """Whether validation runs on a perturbed engine (simulated hardware, or any
+        perturbation with validate_with_perturbation)."""
+        return any(spec.in_validation or self.cfg.trainer.validate_with_perturbation
+                   for spec in self.engine.perturbations.specs)
 
     @property
     def show_bar(self) -> bool:
@@ -396,6 +407,8 @@ class GRPOTrainer:
                 timer = Timer()
                 with timer("testing"):
                     metrics.update(self.validate(done))
+                    if final and self.validation_is_perturbed and t.validate_clean_at_end:
+                        metrics.update(self.validate(done, clean=True))
                 metrics.update(timer.timings)
             self.tracker.log(done, metrics)
             if final or (t.save_freq > 0 and done % t.save_freq == 0):
