@@ -175,7 +175,8 @@ def test_baseline_choice(fixture_runs, tmp_path):
 
 def test_files_and_embedded_plots(report):
     names = {p.name for p in report.paths}
-    assert names == {"report.md", "report.html", "accuracy.png", "entropy.png", "sigma.png",
+    assert names == {"report.md", "report.html", "summary.json", "accuracy.png", "entropy.png",
+                     "sigma.png",
                      "mismatch.png", "reward.png", "train_accuracy.png", "zero_adv.png",
                      "clipfrac.png", "response_length.png"}
     for p in report.paths:

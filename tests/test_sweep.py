@@ -4,7 +4,15 @@ import pytest
 import yaml
 
 from aqn.config import ConfigError
-from aqn.experiments.sweep import SweepSpec, load_sweep, out_dir_of, run_status, run_sweep
+from aqn.experiments.sweep import (
+    RunKey,
+    SweepSpec,
+    load_sweep,
+    out_dir_of,
+    run_config,
+    run_status,
+    run_sweep,
+)
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer
 
@@ -86,18 +94,18 @@ def test_cli_sweep_with_report(tmp_path, monkeypatch, capsys):
 
 
 def test_shipped_sweeps_validate_at_every_scale():
-    from aqn.experiments.sweep import at_scale, run_config, sweep_presets
+    from aqn.experiments.sweep import at_scale, sweep_presets
 
     for name in sweep_presets():
         spec = load_sweep(name)
         for scaled in [spec] + [at_scale(spec, s) for s in spec.scales]:
-            for variant in scaled.variants:
-                run_config(scaled, variant, 1, resume=False)  # raises on a bad override
+            for run in scaled.runs():
+                run_config(scaled, run, resume=False)  # raises on a bad override
     hw = at_scale(load_sweep("hw-hetero"), "smollm2")
     assert (hw.name, hw.base, list(hw.variants)) == (
         "hw-hetero-smollm2", "smollm2-arith", ["clean", "baseline", "AQN", "AQN-TIS"])
-    clean = run_config(hw, "clean", 1, resume=False).actor_rollout_ref
-    base = run_config(hw, "baseline", 1, resume=False).actor_rollout_ref
+    clean = run_config(hw, RunKey("clean", 1), resume=False).actor_rollout_ref
+    base = run_config(hw, RunKey("baseline", 1), resume=False).actor_rollout_ref
     assert (clean.rollout.numerics, base.rollout.numerics) == ("reference", "npu-naive")
     assert base.model.path == "smollm2-135m-instruct"
     with pytest.raises(ConfigError, match="has no scale 'huge'; its scales: smollm2"):
@@ -185,3 +193,129 @@ def test_the_sweep_help_names_every_shipped_preset():
     sweep = build_parser()._subparsers._group_actions[0].choices["sweep"]
     text = next(a.help for a in sweep._actions if a.dest == "preset")
     assert all(name in text for name in sweep_presets()), text
+
+
+def test_doses_expand_to_one_run_per_variant_dose_and_seed(tmp_path):
+    f = tmp_path / "d.yaml"
+    f.write_text(
+        "name: d\nbase: smoke\nseeds: [1, 2]\n"
+        "variants:\n  baseline: []\n  AQN: [aqn=qerl]\n"
+        "doses:\n"
+        "  matmul:\n    key: actor_rollout_ref.rollout.op_noise.scale\n"
+        "    values: [0.05, 0.1]\n"
+        "  profile:\n    key: [actor_rollout_ref.rollout.numerics]\n    values: [npu-naive]\n"
+        "    overrides: [actor_rollout_ref.rollout.temperature=0.9]\n")
+    spec = load_sweep(f)
+    names = [r.name for r in spec.runs()]
+    assert names == [
+        "baseline__seed1", "baseline__seed2",
+        "baseline__matmul@0.05__seed1", "baseline__matmul@0.05__seed2",
+        "baseline__matmul@0.1__seed1", "baseline__matmul@0.1__seed2",
+        "baseline__profile@npu-naive__seed1", "baseline__profile@npu-naive__seed2",
+        "AQN__seed1", "AQN__seed2",
+        "AQN__matmul@0.05__seed1", "AQN__matmul@0.05__seed2",
+        "AQN__matmul@0.1__seed1", "AQN__matmul@0.1__seed2",
+        "AQN__profile@npu-naive__seed1", "AQN__profile@npu-naive__seed2"]
+    run = RunKey("AQN", 2, "matmul", 0.1)
+    cfg = run_config(spec, run, resume=False)
+    rollout = cfg.actor_rollout_ref.rollout
+    assert (rollout.op_noise.scale, rollout.numerics, cfg.trainer.seed) == (0.1, "reference", 2)
+    assert cfg.trainer.noise_injection.enabled and cfg.trainer.experiment_name == run.name
+    cfg = run_config(spec, RunKey("baseline", 1, "profile", "npu-naive"), resume=False)
+    rollout = cfg.actor_rollout_ref.rollout
+    assert (rollout.numerics, rollout.temperature, rollout.op_noise.scale) == (
+        "npu-naive", 0.9, 0.0)
+    assert not cfg.trainer.noise_injection.enabled
+    clean = run_config(spec, RunKey("baseline", 1), resume=False).actor_rollout_ref.rollout
+    assert (clean.op_noise.scale, clean.numerics) == (0.0, "reference")
+    # the one-family shorthand, and what is refused
+    f.write_text("name: d\nbase: smoke\ndoses: {key: actor_rollout_ref.rollout.op_noise.scale,"
+                 " values: [0.1]}\n")
+    assert [r.name for r in load_sweep(f).runs()] == ["baseline__seed1",
+                                                      "baseline__dose@0.1__seed1"]
+    for bad, match in (
+            ("doses: {m: {key: a.b, values: [0.1, 0.10]}}", "distinct values"),
+            ("doses: {m: {key: a.b, values: [true]}}", "doses.m.values"),
+            ("doses: {m: {key: a.b, values: [1], extra: 2}}", "doses.m"),
+            ("doses: {m__x: {key: a.b, values: [1]}}", "plain folder name"),
+            ("seeds: [1, 1]", "lists a seed twice")):
+        f.write_text(f"name: d\nbase: smoke\n{bad}\n")
+        with pytest.raises(ConfigError, match=match):
+            load_sweep(f)
+    f.write_text("name: d\nbase: smoke\ndoses: {m: {key: actor_rollout_ref.rollout.op_noise"
+                 ".scale, values: [-1]}}\n")
+    with pytest.raises(ConfigError, match="must be a finite number >= 0.*run baseline__m@-1"):
+        run_sweep(load_sweep(f))
+
+
+def test_a_dose_sweep_runs_and_records_its_dose(tmp_path):
+    spec = SweepSpec(name="d", base="smoke", out_dir=str(tmp_path / "d"),
+                     overrides=("trainer.total_training_steps=2",),
+                     doses=load_sweep_doses({"m": {"key": "actor_rollout_ref.rollout.op_noise"
+                                                          ".scale", "values": [0.1]}}))
+    assert run_sweep(spec) == {"baseline__seed1": "done", "baseline__m@0.1__seed1": "done"}
+    run = out_dir_of(spec) / "baseline__m@0.1__seed1"
+    assert json.loads((run / "run.json").read_text()) == {
+        "variant": "baseline", "seed": 1, "status": "done", "error": None, "family": "m",
+        "dose": 0.1}
+    last = read_metrics(run)[-1]
+    assert last["op_noise/scale"] == 0.1 and last["perturb/op_noise/calls"] > 0
+    assert last["rollout_corr/abs_logp_diff_mean"] > 0  # the dose made a mismatch
+    clean = read_metrics(out_dir_of(spec) / "baseline__seed1")[-1]
+    assert clean["rollout_corr/abs_logp_diff_mean"] == 0
+    # the final policy validated where it runs (perturbed) and clean
+    assert (run / "val" / "clean_step_2.jsonl").exists()
+    assert "val-clean/arith/acc/mean@1" in last and "val-clean/arith/acc/mean@1" not in clean
+
+
+def load_sweep_doses(doses):
+    from aqn.experiments.sweep import _dose_families
+
+    return _dose_families(doses)
+
+
+def test_seeds_for_power_asks_for_what_the_spread_needs():
+    from aqn.experiments.stats import seeds_needed
+    from aqn.experiments.sweep import seeds_for_power
+
+    assert seeds_for_power([1.0, 3.0], 2.5, 20) == seeds_needed(3.0, 2.5)
+    assert seeds_for_power([0.5], 2.5, 20) == seeds_needed(0.5, 2.5) == 3
+    assert seeds_for_power([None, 0.0], 2.5, 20) == 2  # no spread plans nothing
+    assert seeds_for_power([30.0], 2.5, 12) == 12  # the budget caps it
+
+
+def test_a_pilot_planned_confirmation_keeps_alpha_and_a_reused_pilot_does_not():
+    """Under no effect: a pilot of 3 seeds plans the seeds for 2.5 points (at most 12). The
+    t-test over new seeds rejects at its nominal 5 %; over pilot + new seeds it does not
+    (a pilot whose spread came out small by chance stops early with its own data)."""
+    import numpy as np
+    from scipy import stats as sps
+
+    from aqn.experiments.sweep import seeds_for_power
+
+    rng = np.random.default_rng(0)
+    fresh, reused, planned = [], [], []
+    for _ in range(3_000):
+        pilot = rng.normal(0.0, 2.0, 3)  # sd 2 points between seeds, no true effect
+        n = seeds_for_power([float(np.std(pilot, ddof=1))], 2.5, 12)
+        new = rng.normal(0.0, 2.0, n)
+        planned.append(n)
+        fresh.append(sps.ttest_1samp(new, 0.0).pvalue < 0.05)
+        both = np.concatenate([pilot, new[:max(0, n - 3)]])  # "add seeds up to n"
+        reused.append(sps.ttest_1samp(both, 0.0).pvalue < 0.05)
+    assert np.mean(fresh) == pytest.approx(0.05, abs=0.012)
+    assert np.mean(reused) > 0.07
+    assert 4 <= np.median(planned) <= 12
+
+
+def test_mde_sweep_runs_a_confirmation_of_the_planned_seeds(tmp_path, monkeypatch):
+    import aqn.experiments.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "seeds_for_power", lambda sds, target, cap: 2)
+    spec = quick(tmp_path, seeds=(1, 2), variants={"baseline": ()})
+    confirm, results = sweep_module.run_sweep_to_power(spec, 2.5, 10)
+    assert confirm.seeds == (3, 4) and confirm.name == "quick-confirm"
+    assert results == {"baseline__seed3": "done", "baseline__seed4": "done"}
+    assert out_dir_of(confirm) == tmp_path / "sweep-confirm"
+    with pytest.raises(ConfigError, match="at least 2 seeds"):
+        sweep_module.run_sweep_to_power(quick(tmp_path, seeds=(1,)), 2.5, 10)

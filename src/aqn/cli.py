@@ -269,7 +269,14 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from aqn.experiments.sweep import at_scale, load_sweep, out_dir_of, run_sweep
+    from aqn.experiments.analysis import TARGET_MDE_POINTS
+    from aqn.experiments.sweep import (
+        at_scale,
+        load_sweep,
+        out_dir_of,
+        run_sweep,
+        run_sweep_to_power,
+    )
 
     if bool(args.sweep) == bool(args.preset):
         raise ConfigError("give a sweep file or --preset NAME (one of them)")
@@ -278,32 +285,38 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         spec = at_scale(spec, args.scale)
     if args.seeds:
         spec = dataclasses.replace(spec, seeds=tuple(args.seeds))
-    results = run_sweep(spec, jobs=args.jobs)
+    if args.mde is not None:
+        spec, results = run_sweep_to_power(spec, args.mde, args.max_seeds, jobs=args.jobs)
+    else:
+        results = run_sweep(spec, jobs=args.jobs)
     print(_table(["run", "status"], sorted(results.items())))
     out = out_dir_of(spec)
     print(f"sweep directory: {out}")
     if args.report:
-        _print_report([out], out / "report", None)
+        _print_report([out], out / "report", None,
+                      TARGET_MDE_POINTS if args.mde is None else args.mde)
     failed = sorted(k for k, v in results.items() if v == "failed")
     if failed:  # the report is still written; the exit status says not all is well
         raise TrainingError(f"{len(failed)} of {len(results)} runs failed: "
                             f"{', '.join(failed)} (error.log in each run directory)")
 
 
-def _print_report(paths, out_dir, baseline) -> None:
+def _print_report(paths, out_dir, baseline, target_mde: float) -> None:
     from aqn.experiments.report import build_report
 
-    report = build_report(paths, out_dir, baseline=baseline)
+    report = build_report(paths, out_dir, baseline=baseline, target_mde=target_mde)
     print(report.headline)
     print(f"report: {Path(out_dir) / 'report.md'} (and report.html)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
-    _print_report([Path(p) for p in args.paths], out, args.baseline)
+    _print_report([Path(p) for p in args.paths], out, args.baseline, args.mde)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aqn.experiments.sweep import sweep_presets
+
     parser = argparse.ArgumentParser(prog="aqn", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -376,13 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("sweep", help="run every (variant, seed) pair of a sweep file")
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
-    p.add_argument("--preset", help="a shipped sweep: demo, hw-hetero, nvfp4, nvfp4-rollout, "
-                   "mxfp4-rollout, op-noise, w4a4, quick")
+    p.add_argument("--preset", help="a shipped sweep: " + ", ".join(sweep_presets()))
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the file's")
     p.add_argument("--scale", help="one of the sweep's larger set-ups (e.g. smollm2: hours "
                    "on a CPU); runs go to runs/sweeps/<name>-<scale>")
     p.add_argument("--report", action="store_true", help="write the report when done")
+    p.add_argument("--mde", type=float, metavar="POINTS",
+                   help="after the file's seeds (the pilot, >= 2), add seeds until every "
+                   "comparison's minimal detectable effect (80 %% power) is at most POINTS, "
+                   "or --max-seeds; the report then calls 'no effect' only below POINTS")
+    p.add_argument("--max-seeds", type=int, default=10,
+                   help="the seed budget of --mde (default 10)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables, significance and plots from run directories")
@@ -391,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "labelled variant[/seedN]=path")
     p.add_argument("--out", help="output folder (default: <first path>/report)")
     p.add_argument("--baseline", help="the variant to compare against (default: baseline)")
+    p.add_argument("--mde", type=float, default=2.5, metavar="POINTS",
+                   help="the effect a comparison must be able to detect (80 %% power) before "
+                   "'not significant' reads 'no effect larger than its MDE' (default 2.5)")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -76,6 +76,15 @@ class HeadlineRow:
     mde: float | None = None
     seed_sd: float | None = None
 
+    def ci(self) -> tuple[float, float] | None:
+        """95 % interval of ``delta`` from the deciding test: the seeds' t interval, or the
+        items' bootstrap with one seed."""
+        if self.seeds is not None and self.seeds.ci_low is not None:
+            return self.seeds.ci_low, self.seeds.ci_high
+        if self.bootstrap is not None and self.p_value is not None:
+            return self.bootstrap.ci_low, self.bootstrap.ci_high
+        return None
+
 
 def by_seed(runs: Iterable[RunData]) -> dict[int, RunData]:
     """seed -> run; with duplicates (same variant and seed) the first in sort order wins."""
@@ -261,6 +270,45 @@ def learning_result(variant: str, runs: dict[int, RunData]) -> LearningResult:
     return LearningResult(
         variant, base_step, avg(base_acc.values()), avg(final_acc.values()), delta, seeds,
         p_mcnemar, p_value, test, None if p_value is None else p_value < ALPHA and delta > 0)
+
+
+def reference_of(point: str, groups: dict[str, dict[int, RunData]], baseline: str) -> str:
+    """The group ``point`` is compared with: the baseline at the same dose of a dose sweep
+    (the effect of a variant there), and the baseline's clean point for the baseline at a dose
+    (the cost of the dose) and for every clean point."""
+    run = next(iter(groups[point].values()))
+    base_variant = next(iter(groups[baseline].values())).variant
+    if run.family is None or run.variant == base_variant:
+        return baseline
+    return next((p for p, runs in groups.items() if (r := next(iter(runs.values()))).variant
+                 == base_variant and (r.family, r.dose) == (run.family, run.dose)), baseline)
+
+
+@dataclass
+class Comparisons:
+    """The runs grouped by point (a variant, or a variant at one dose), the baseline first,
+    and each group's row compared with its reference (``reference_of``)."""
+
+    groups: dict[str, dict[int, RunData]]
+    baseline: str | None
+    rows: list[HeadlineRow]
+
+
+def compare_points(runs: Iterable[RunData], baseline: str | None = None) -> Comparisons:
+    runs = list(runs)
+    points = sorted({r.point for r in runs})
+    groups = {p: by_seed(r for r in runs if r.point == p) for p in points}
+    if not groups:
+        return Comparisons({}, None, [])
+    clean = {p: g for p, g in groups.items() if next(iter(g.values())).family is None}
+    base = pick_baseline(clean or groups, baseline)
+    groups = {base: groups[base], **{v: g for v, g in groups.items() if v != base}}
+    rows = [variant_row(v, g) for v, g in groups.items()]
+    by_point = {r.variant: r for r in rows}
+    for row in rows[1:]:
+        ref = reference_of(row.variant, groups, base)
+        compare(row, by_point[ref], groups[ref], groups[row.variant])
+    return Comparisons(groups, base, rows)
 
 
 def pick_baseline(groups: dict[str, dict[int, RunData]], requested: str | None) -> str:

@@ -8,6 +8,7 @@ next to every difference so that noise is not read as an effect.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,14 +19,11 @@ from aqn.experiments.analysis import (
     TARGET_MDE_POINTS,
     HeadlineRow,
     LearningResult,
-    by_seed,
-    compare,
+    compare_points,
     learning_result,
     machine_label,
     noise_warnings,
-    pick_baseline,
     power_verdict,
-    variant_row,
 )
 from aqn.experiments.render import (
     Alert,
@@ -42,6 +40,7 @@ from aqn.experiments.render import (
     to_html,
     to_markdown,
 )
+from aqn.experiments.robustness import robustness_section, training_mean
 from aqn.experiments.runs import RunData, find_runs
 from aqn.experiments.stats import ALPHA, avg, mean_curve
 from aqn.files import write_atomic
@@ -108,27 +107,29 @@ def _comparison_cells(r: HeadlineRow, base: HeadlineRow) -> list[str]:
 def _headline_table(rows: list[HeadlineRow]) -> Table:
     """The final/peak table; rows[0] is the baseline."""
     out = []
+    by_point = {r.variant: r for r in rows}
     for i, r in enumerate(rows):
         peak = "n/a" if r.peak_step is None else f"{fmt_pct(r.peak_mean)} (step {r.peak_step})"
         cells = [r.variant, str(r.n_seeds), ", ".join(map(str, r.final_steps)) or "n/a",
                  fmt_pct(r.final_mean), peak, "n/a" if r.se is None else f"{100 * r.se:.2f}"]
-        comparison = (["", "", "", "", "(baseline)", ""] if i == 0
-                      else _comparison_cells(r, rows[0]))
+        comparison = (["", "", "", "", "", "(baseline)", ""] if i == 0
+                      else [r.against] + _comparison_cells(r, by_point[r.against]))
         out.append(cells + comparison)
     return Table(
         ["variant", "seeds", "final step", "final acc %", "peak acc % (step)",
-         "SE one acc (points)", "Δ final (points)", "McNemar p (pooled; per seed)",
+         "SE one acc (points)", "against", "Δ final (points)", "McNemar p (pooled; per seed)",
          "bootstrap Δ [95% CI]", "seed t-test Δ [95% CI]", "significant?",
          "MDE (points, 80 % power)"],
         out,
     )
 
 
-def _headline_notes(rows: list[HeadlineRow], baseline: str,
+def _headline_notes(rows: list[HeadlineRow],
                     target_points: float = TARGET_MDE_POINTS) -> list[str]:
     notes = []
     for r in rows:
-        if r.variant == baseline or r.delta is None:
+        baseline = r.against
+        if not baseline or r.delta is None:
             continue
         items = f"{r.n_items} items" if r.n_items else "the validation items"
         se = f"SE {100 * r.se:.2f} points" if r.se is not None else "SE unknown"
@@ -159,6 +160,45 @@ def _headline_notes(rows: list[HeadlineRow], baseline: str,
         "points (`aqn report --mde`)."
     )
     return notes
+
+
+# --- the machine-readable result ------------------------------------------------------------
+
+
+def _points(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def summary(rows: list[HeadlineRow], groups: dict[str, dict[int, RunData]],
+            learning: LearningResult | None, target: float) -> dict:
+    """summary.json: every comparison of the report and whether the baseline learned, in
+    points, for other tools (and CI) to read."""
+    comparisons = []
+    for r in rows:
+        if not r.against:
+            continue
+        run = next(iter(groups[r.variant].values()))
+        ci = r.ci()
+        comparisons.append({
+            "variant": run.variant, "point": r.variant, "against": r.against,
+            "family": run.family, "dose": run.dose,
+            "mismatch": training_mean(groups[r.variant], keys.ABS_LOGP_DIFF),
+            "delta_points": _points(r.delta),
+            "ci_points": None if ci is None else [100 * ci[0], 100 * ci[1]],
+            "p": r.p_value, "mde_points": _points(r.mde), "seeds": r.n_seeds,
+            "test": r.test, "significant": r.significant,
+            "verdict": ("significant" if r.significant else
+                        "not testable" if r.significant is None else power_verdict(r, target)),
+        })
+    learned = None
+    if learning is not None:
+        mde = learning.seeds.mde if learning.seeds is not None else None
+        learned = {"variant": learning.variant, "learned": learning.learned,
+                   "delta_points": _points(learning.delta), "p": learning.p_value,
+                   "mde_points": _points(mde), "test": learning.test,
+                   "base_step": learning.base_step}
+    return {"baseline_learned": learned, "target_mde_points": target,
+            "comparisons": comparisons}
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -404,7 +444,7 @@ def _speed_section(runs: list[RunData]) -> list[Block]:
     per_run = {id(r): {k: avg(r.series(k).values()) for k in SPEED_KEYS} for r in runs}
     cells: dict[tuple[str, str], list[RunData]] = {}
     for r in runs:
-        cells.setdefault((r.variant, machine_label(r.machine)), []).append(r)
+        cells.setdefault((r.point, machine_label(r.machine)), []).append(r)
 
     def mean_of(group: list[RunData], key: str) -> float | None:
         return avg(v for r in group if (v := per_run[id(r)][key]) is not None)
@@ -452,7 +492,8 @@ def _failed_section(runs: list[RunData]) -> list[Block]:
 
 
 def build_report(
-    paths: Sequence[str | Path], out_dir: str | Path, baseline: str | None = None
+    paths: Sequence[str | Path], out_dir: str | Path, baseline: str | None = None,
+    target_mde: float = TARGET_MDE_POINTS,
 ) -> Report:
     """Compare the runs under ``paths`` (run or sweep directories, in any mix).
 
@@ -464,41 +505,39 @@ def build_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = find_runs(paths)
     ok = [r for r in runs if r.status != "failed"]
-    variants = sorted({r.variant for r in ok})
-    groups = {v: by_seed(r for r in ok if r.variant == v) for v in variants}
+    found = compare_points(ok, baseline)
+    groups, base, rows = found.groups, found.baseline, found.rows
     warnings = noise_warnings(runs)
 
     blocks: list[Block] = [Heading("AQN run report", 1)]
     if warnings:
         blocks.append(Alert(f"{len(warnings)} run(s) had AQN enabled but zero, swallowed or "
                                "unmeasured noise: see section 4."))
-    rows: list[HeadlineRow] = []
     headline = "No completed runs to compare."
-    base = learning = None
+    learning = None
     if groups:
-        base = pick_baseline(groups, baseline)
-        groups = {base: groups[base], **{v: g for v, g in groups.items() if v != base}}
+        clean = {p: g for p, g in groups.items() if next(iter(g.values())).family is None}
         learning = learning_result(base, groups[base])
         learned = Text(learning.sentence())
         blocks.append(learned)
-        rows = [variant_row(v, g) for v, g in groups.items()]
-        for row in rows[1:]:
-            compare(row, rows[0], groups[base], groups[row.variant])
         # Whether the baseline learned comes first: variants compared on a baseline that
         # did not learn say little.
         headline = to_markdown([learned, _headline_table(rows)]
-                                + [Text(n) for n in _headline_notes(rows, base)])
+                                + [Text(n) for n in _headline_notes(rows, target_mde)])
     blocks.append(Text(
         f"{len(runs)} runs ({len(runs) - len(ok)} failed), {len(groups)} variants; "
         f"baseline: {base or 'n/a'}. Accuracies in percent; Δ in points."
     ))
     blocks += _runs_section(runs, groups)
     if groups:
-        _write_plots(groups, out_dir)
+        # per-step curves of the clean points only when a dose sweep has dozens of groups
+        _write_plots(clean if len(clean) < len(groups) else groups, out_dir)
         blocks += _accuracy_section(groups, base)
         blocks += [Heading("2. Final and peak accuracy, and significance vs the baseline"),
                    _headline_table(rows)]
-        blocks += [Text(n) for n in _headline_notes(rows, base)]
+        blocks += [Text(n) for n in _headline_notes(rows, target_mde)]
+        blocks += robustness_section(groups, base, {r.variant: r for r in rows}, out_dir,
+                                     target_mde)
         blocks += _training_section(groups)
         blocks += _sigma_section(groups, warnings)
         blocks += _perturbation_sections(groups)
@@ -511,7 +550,10 @@ def build_report(
     page = to_html(blocks, out_dir, "AQN run report")
     write_atomic(out_dir / "report.md", markdown)
     write_atomic(out_dir / "report.html", page)
-    written = [out_dir / "report.md", out_dir / "report.html"]
+    write_atomic(out_dir / "summary.json", json.dumps(
+        summary(rows, groups, learning, target_mde), indent=1) + "\n")
+    written = [out_dir / "report.md", out_dir / "report.html", out_dir / "summary.json"]
     if groups:
         written += [out_dir / file for file in PLOTS]
+        written += sorted(out_dir.glob("robustness_*.png"))
     return Report(markdown, page, headline, rows, base, learning, warnings, written)

@@ -39,10 +39,25 @@ class RunData:
     accuracy: dict[int, float] = field(default_factory=dict)  # validation step -> accuracy
     logged_by: str = "aqn"  # or "verl" / "trl": a run read from that framework's log
     log_format: str = "aqn"  # a foreign run's: "jsonl", "tensorboard", "wandb", ...
+    # A dose sweep's run (run.json): the perturbation family and its dose; None at the
+    # variant's clean point.
+    family: str | None = None
+    dose: float | str | None = None
+    # The final policy validated with no perturbation (val-clean/*), step -> accuracy.
+    clean_accuracy: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def point(self) -> str:
+        """What the report groups seeds by: the variant, and its dose in a dose sweep
+        ("baseline @ matmul=0.05")."""
+        if self.family is None:
+            return self.variant
+        dose = f"{self.dose:g}" if isinstance(self.dose, float) else self.dose
+        return f"{self.variant} @ {self.family}={dose}"
 
     @property
     def name(self) -> str:
-        return f"{self.variant}/seed{self.seed}"
+        return f"{self.point}/seed{self.seed}"
 
     @property
     def aqn_enabled(self) -> bool:
@@ -118,6 +133,7 @@ def _score(run: RunData, val_n: int | None) -> RunData:
         # accuracy (fraction correct) equals the mean reward for 0/1 rewards, not for qerl's
         run.accuracy = (run.series(keys.val_core(run.data_source, "acc", val_n))
                         or run.series(keys.val_core(run.data_source, "reward", val_n)))
+        run.clean_accuracy = run.series(keys.val_clean(run.data_source, "acc", val_n))
     # Steps whose per-item file exists but whose metric row is missing (a run cut off
     # between writing the two) still count, scored the same way as the metric.
     for step, items in run.val.items():
@@ -156,6 +172,8 @@ def load_run(path: str | Path) -> RunData:
         val=dict(sorted(val.items())),
         machine=_read_json(path / "machine.json"),
         data_source=None,
+        family=run_info.get("family"),
+        dose=run_info.get("dose"),
     )
     return _score(run, int(_get(config, "actor_rollout_ref.rollout.val_kwargs.n", 1)))
 
@@ -216,4 +234,4 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunData]:
                 "immediate subdirectories)")
     unique = list(dict.fromkeys(d.resolve() for d in run_dirs))
     runs = [load_run(d) for d in unique] + list(foreign_runs.values())
-    return sorted(runs, key=lambda r: (r.variant, r.seed, str(r.path)))
+    return sorted(runs, key=lambda r: (r.point, r.seed, str(r.path)))

@@ -192,14 +192,18 @@ def seeds_needed(sd: float, effect: float, alpha: float = ALPHA,
     beyond ``MAX_SEEDS``."""
     if not sd > 0 or not effect > 0:
         raise ValueError(f"seeds_needed needs sd > 0 and effect > 0, got {sd}, {effect}")
+
+    def enough(n: int) -> bool:  # power grows with n
+        return paired_t_power(effect, sd, n, alpha) >= power
+
     low, high = 2, 2
-    while paired_t_mde(sd, high, alpha, power) > effect:  # bracket, then bisect
+    while not enough(high):  # bracket, then bisect
         if high >= MAX_SEEDS:
             return None
-        low, high = high, min(2 * high, MAX_SEEDS)
+        low, high = high + 1, min(2 * high, MAX_SEEDS)
     while low < high:
         mid = (low + high) // 2
-        if paired_t_mde(sd, mid, alpha, power) <= effect:
+        if enough(mid):
             high = mid
         else:
             low = mid + 1

@@ -17,11 +17,25 @@ and seeds::
     scales:
       smollm2: {base: smollm2-arith, overrides: [actor_rollout_ref.rollout.numerics=npu-naive]}
 
-Runs go to ``<out_dir>/<variant>__seed<seed>/`` with a ``run.json`` (variant, seed, status,
-error). Re-running skips finished runs and resumes interrupted ones from their checkpoint,
-refuses stored runs whose config the sweep no longer gives, and starts afresh a run that
-failed before its first checkpoint. A run that fails (or whose worker is killed) is recorded
-with its error and the others go on.
+An optional ``doses`` map turns the sweep into robustness curves: each family is one
+perturbation whose size grows, given as the config key(s) it sets and the values; every
+variant then runs at its clean point (the variant alone, shared by all families) and at every
+dose of every family::
+
+    doses:
+      matmul:                                   # a family: its name, key(s) and values
+        key: [actor_rollout_ref.rollout.op_noise.scale]  # several keys get the same value
+        values: [0.03, 0.06, 0.1, 0.15]         # the perturbed doses (the clean point is 0)
+        overrides: []                           # optional: what every run of it adds
+
+(``doses: {key: ..., values: [...]}`` is one family named ``dose``.)
+
+Runs go to ``<out_dir>/<variant>__seed<seed>/`` (at a dose:
+``<variant>__<family>@<value>__seed<seed>/``) with a ``run.json`` (variant, seed, status,
+error; family and dose at a dose). Re-running skips finished runs and resumes interrupted
+ones from their checkpoint, refuses stored runs whose config the sweep no longer gives, and
+starts afresh a run that failed before its first checkpoint. A run that fails (or whose
+worker is killed) is recorded with its error and the others go on.
 """
 
 from __future__ import annotations
@@ -45,12 +59,52 @@ import torch
 from aqn.config import AQNConfig, load_config
 from aqn.config.loader import build, read_yaml
 from aqn.errors import ConfigError
+from aqn.experiments.stats import seeds_needed
 from aqn.files import write_atomic
 from aqn.rl.checkpoint import checkpoint_steps
 from aqn.rl.run_dir import config_changes
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class DoseFamily:
+    """One perturbation whose size a sweep grows: ``keys`` all set to each of ``values``."""
+
+    keys: tuple[str, ...]
+    values: tuple[float | str, ...]
+    overrides: tuple[str, ...] = ()
+
+    def run_overrides(self, dose: float | str) -> list[str]:
+        return [*self.overrides, *(f"{k}={dose}" for k in self.keys)]
+
+
+def dose_label(dose: float | str) -> str:
+    """How a dose appears in run folder names and reports: 0.05, 4, npu-naive."""
+    return f"{dose:g}" if isinstance(dose, float) else str(dose)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One run of a sweep: a variant and a seed, at the clean point (family None) or at one
+    dose of one family."""
+
+    variant: str
+    seed: int
+    family: str | None = None
+    dose: float | str | None = None
+
+    @property
+    def name(self) -> str:  # its folder in the sweep directory
+        at = "" if self.family is None else f"__{self.family}@{dose_label(self.dose)}"
+        return f"{self.variant}{at}__seed{self.seed}"
+
+
+def _plain_name(name: str, what: str) -> None:
+    if not name or "/" in name or name.startswith(".") or "__" in name or "@" in name:
+        raise ConfigError(f"{what} name {name!r} must be a plain folder name (no '/', '__' "
+                          "or '@', not starting with '.')", what + "s")
 
 
 @dataclass(frozen=True)
@@ -63,16 +117,31 @@ class SweepSpec:
     out_dir: str | None = None  # default: runs/sweeps/<name>
     # scale name -> {"base": ..., "overrides": [...]}: larger set-ups of the same comparison
     scales: dict[str, dict] = field(default_factory=dict)
+    # family name -> its doses: robustness curves (see the module docstring)
+    doses: dict[str, DoseFamily] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ConfigError("must list at least one seed", "seeds")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"lists a seed twice: {list(self.seeds)}", "seeds")
         if not self.variants:
             raise ConfigError("must list at least one variant", "variants")
         for name in self.variants:
-            if not name or "/" in name or name.startswith("."):
-                raise ConfigError(f"variant name {name!r} must be a plain folder name",
-                                  "variants")
+            _plain_name(name, "variant")
+        for name, family in self.doses.items():
+            _plain_name(name, "dose")
+            labels = [dose_label(d) for d in family.values]
+            if not family.keys or not labels or len(set(labels)) != len(labels):
+                raise ConfigError(f"family {name!r} needs key(s) and distinct values, got "
+                                  f"keys {list(family.keys)}, values {labels}", "doses")
+
+    def runs(self) -> list[RunKey]:
+        """Every run, variant by variant: its clean point, then each family's doses."""
+        return [RunKey(v, s, f, d) for v in self.variants
+                for f, d in [(None, None)] + [(f, d) for f, fam in self.doses.items()
+                                              for d in fam.values]
+                for s in self.seeds]
 
 
 def sweep_presets() -> list[str]:
@@ -91,6 +160,7 @@ def load_sweep(source: str | Path) -> SweepSpec:
     data = read_yaml(path)
     variants = data.pop("variants", None)
     scales = data.pop("scales", None) or {}
+    doses = _dose_families(data.pop("doses", None) or {})
     spec = build(SweepSpec, data)
     if variants is not None:
         if not isinstance(variants, dict):
@@ -99,7 +169,32 @@ def load_sweep(source: str | Path) -> SweepSpec:
             str(k): tuple(v or ()) for k, v in variants.items()}})
     if not isinstance(scales, dict) or not all(isinstance(v, dict) for v in scales.values()):
         raise ConfigError("must map scale names to {base, overrides}", "scales")
-    return dataclasses.replace(spec, scales={str(k): v for k, v in scales.items()})
+    return dataclasses.replace(spec, scales={str(k): v for k, v in scales.items()},
+                               doses=doses)
+
+
+def _dose_families(doses: dict) -> dict[str, DoseFamily]:
+    if not isinstance(doses, dict):
+        raise ConfigError("must map family names to {key, values, overrides}", "doses")
+    if "key" in doses:  # the one-family shorthand
+        doses = {"dose": doses}
+    families = {}
+    for name, entry in doses.items():
+        where = f"doses.{name}"
+        if not isinstance(entry, dict) or set(entry) - {"key", "values", "overrides"}:
+            raise ConfigError("must be {key, values, overrides}", where)
+        keys = entry.get("key")
+        keys = [keys] if isinstance(keys, str) else keys
+        values = entry.get("values")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ConfigError("must be a config key or a list of them", f"{where}.key")
+        if not isinstance(values, list) or not all(
+                isinstance(v, int | float | str) and not isinstance(v, bool) for v in values):
+            raise ConfigError("must be a list of numbers or names", f"{where}.values")
+        families[str(name)] = DoseFamily(
+            tuple(keys), tuple(float(v) if isinstance(v, int) else v for v in values),
+            tuple(entry.get("overrides") or ()))
+    return families
 
 
 def at_scale(spec: SweepSpec, scale: str) -> SweepSpec:
@@ -123,22 +218,27 @@ def out_dir_of(spec: SweepSpec) -> Path:
     return Path(spec.out_dir or Path("runs") / "sweeps" / spec.name)
 
 
-def run_config(spec: SweepSpec, variant: str, seed: int, resume: bool) -> AQNConfig:
-    return load_config(spec.base, [
-        *spec.overrides, *spec.variants[variant],
-        f"trainer.seed={seed}",
-        f"trainer.default_local_dir={out_dir_of(spec)}",
-        f"trainer.experiment_name={variant}__seed{seed}",
-        f"trainer.resume={str(resume).lower()}",
-        "trainer.progress_bar=false",
-    ])
+def run_config(spec: SweepSpec, run: RunKey, resume: bool) -> AQNConfig:
+    dose = [] if run.family is None else spec.doses[run.family].run_overrides(run.dose)
+    try:
+        return load_config(spec.base, [
+            *spec.overrides, *spec.variants[run.variant], *dose,
+            f"trainer.seed={run.seed}",
+            f"trainer.default_local_dir={out_dir_of(spec)}",
+            f"trainer.experiment_name={run.name}",
+            f"trainer.resume={str(resume).lower()}",
+            "trainer.progress_bar=false",
+        ])
+    except ConfigError as e:
+        raise ConfigError(f"{e.message} (run {run.name})", e.key) from None
 
 
-def _write_status(run_dir: Path, variant: str, seed: int, status: str,
-                  error: str | None = None) -> None:
+def _write_status(run_dir: Path, run: RunKey, status: str, error: str | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / RUN_FILE, json.dumps(
-        {"variant": variant, "seed": seed, "status": status, "error": error}, indent=1))
+    info = {"variant": run.variant, "seed": run.seed, "status": status, "error": error}
+    if run.family is not None:
+        info |= {"family": run.family, "dose": run.dose}
+    write_atomic(run_dir / RUN_FILE, json.dumps(info, indent=1))
 
 
 def run_status(run_dir: Path) -> str | None:
@@ -146,30 +246,30 @@ def run_status(run_dir: Path) -> str | None:
     return json.loads(path.read_text())["status"] if path.exists() else None
 
 
-def run_one(spec: SweepSpec, variant: str, seed: int, threads: int | None = None) -> str:
-    """Run (or resume, or skip) one pair; returns its final status."""
+def run_one(spec: SweepSpec, run: RunKey, threads: int | None = None) -> str:
+    """Run (or resume, or skip) one run; returns its final status."""
     from aqn.rl.trainer import train
 
     if threads:
         torch.set_num_threads(threads)
-    run_dir = out_dir_of(spec) / f"{variant}__seed{seed}"
+    run_dir = out_dir_of(spec) / run.name
     if run_status(run_dir) == "done":
         return "skipped"
     if _failed_without_progress(run_dir):
         shutil.rmtree(run_dir)  # nothing to resume: start fresh (its config may be fixed)
     resume = (run_dir / "config.yaml").exists()
     try:
-        cfg = run_config(spec, variant, seed, resume)
-        _write_status(run_dir, variant, seed, "running")
+        cfg = run_config(spec, run, resume)
+        _write_status(run_dir, run, "running")
         train(cfg)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # one failed run must not stop the sweep
         (run_dir / "error.log").write_text(traceback.format_exc())
-        _write_status(run_dir, variant, seed, "failed", f"{type(e).__name__}: {e}")
-        log.error("%s seed %d failed: %s", variant, seed, e)
+        _write_status(run_dir, run, "failed", f"{type(e).__name__}: {e}")
+        log.error("%s failed: %s", run.name, e)
         return "failed"
-    _write_status(run_dir, variant, seed, "done")
+    _write_status(run_dir, run, "done")
     return "done"
 
 
@@ -177,14 +277,14 @@ def _failed_without_progress(run_dir: Path) -> bool:
     return run_status(run_dir) == "failed" and not checkpoint_steps(run_dir)
 
 
-def _check_stored_runs(spec: SweepSpec, pairs: list[tuple[str, int]]) -> None:
+def _check_stored_runs(spec: SweepSpec, runs: list[RunKey]) -> None:
     """A run already in the sweep directory must be the run the sweep now asks for: a stale
     one is never skipped or resumed as if it were (the keys that differ are named)."""
     stale = []
-    for v, s in pairs:
-        run_dir = out_dir_of(spec) / f"{v}__seed{s}"
+    for run in runs:
+        run_dir = out_dir_of(spec) / run.name
         if (run_dir / "config.yaml").exists() and not _failed_without_progress(run_dir):
-            changed = config_changes(run_dir / "config.yaml", run_config(spec, v, s, True))
+            changed = config_changes(run_dir / "config.yaml", run_config(spec, run, True))
             if changed:
                 stale.append(f"{run_dir.name} ({', '.join(changed)})")
     if stale:
@@ -194,49 +294,99 @@ def _check_stored_runs(spec: SweepSpec, pairs: list[tuple[str, int]]) -> None:
             "write this sweep elsewhere (out_dir)", "overrides")
 
 
+def _sweep_json(spec: SweepSpec) -> str:
+    return json.dumps({**spec.__dict__,
+                       "variants": {k: list(v) for k, v in spec.variants.items()},
+                       "doses": {k: dataclasses.asdict(f) for k, f in spec.doses.items()}},
+                      indent=1)
+
+
 def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
-    """Every (variant, seed) pair; ``jobs`` > 1 runs pairs in parallel processes."""
-    pairs = [(v, s) for v in spec.variants for s in spec.seeds]
-    for v, s in pairs:  # every config is checked before the first run starts
-        run_config(spec, v, s, resume=False)
-    _check_stored_runs(spec, pairs)
+    """Every run of the sweep (``spec.runs()``); ``jobs`` > 1 runs them in parallel
+    processes. Returns run folder name -> status."""
+    runs = spec.runs()
+    for run in runs:  # every config is checked before the first run starts
+        run_config(spec, run, resume=False)
+    _check_stored_runs(spec, runs)
     out = out_dir_of(spec)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "sweep.json", json.dumps(
-        {**spec.__dict__, "variants": {k: list(v) for k, v in spec.variants.items()}},
-        indent=1))
+    write_atomic(out / "sweep.json", _sweep_json(spec))
     results: dict[str, str] = {}
     start = time.perf_counter()
 
-    def done(key: str, status: str) -> None:  # one line per finished run: the sweep's progress
-        results[key] = status
-        print(f"[{len(results)}/{len(pairs)}] {key}: {status} "
+    def done(run: RunKey, status: str) -> None:  # one line per finished run: the progress
+        results[run.name] = status
+        print(f"[{len(results)}/{len(runs)}] {run.name}: {status} "
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
-    print(f"sweep {spec.name}: {len(pairs)} runs into {out}", file=sys.stderr, flush=True)
+    print(f"sweep {spec.name}: {len(runs)} runs into {out}", file=sys.stderr, flush=True)
     if jobs <= 1:
-        for v, s in pairs:
-            done(f"{v}__seed{s}", run_one(spec, v, s))
-        return {f"{v}__seed{s}": results[f"{v}__seed{s}"] for v, s in pairs}
+        for run in runs:
+            done(run, run_one(spec, run))
+        return {run.name: results[run.name] for run in runs}
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    todo = list(pairs)
+    todo = list(runs)
     while todo:  # a worker killed from outside breaks the pool: mark its runs, go on
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(run_one, spec, v, s, threads): (v, s) for v, s in todo}
+            futures = {pool.submit(run_one, spec, run, threads): run for run in todo}
             todo, before = [], len(results)
             for future in as_completed(futures):
-                v, s = futures[future]
+                run = futures[future]
                 try:
-                    done(f"{v}__seed{s}", future.result())
+                    done(run, future.result())
                 except BrokenProcessPool:
-                    if run_status(out_dir_of(spec) / f"{v}__seed{s}") == "running":
-                        _write_status(out_dir_of(spec) / f"{v}__seed{s}", v, s, "failed",
+                    if run_status(out / run.name) == "running":
+                        _write_status(out / run.name, run, "failed",
                                       "its worker process died (killed, out of memory, or "
                                       "stopped with a sibling worker that died)")
-                        done(f"{v}__seed{s}", "failed")
+                        done(run, "failed")
                     else:
-                        todo.append((v, s))  # not started, or finished unseen: run again
+                        todo.append(run)  # not started, or finished unseen: run again
         if todo and len(results) == before:
             raise RuntimeError(f"sweep {spec.name}: the worker processes keep dying before a "
                                "run starts (see the log above)")
-    return {f"{v}__seed{s}": results[f"{v}__seed{s}"] for v, s in pairs}
+    return {run.name: results[run.name] for run in runs}
+
+
+# --------------------------------------------------------------------------- seeds for power
+
+
+def seeds_for_power(diff_sds: list[float | None], target: float, max_seeds: int) -> int:
+    """The seeds at which every comparison's paired t-test detects ``target`` points with
+    80 % power, from the spread (sd of the per-seed differences, in points) each showed in a
+    pilot; a comparison with no spread (the same difference in every seed) plans nothing.
+    At least 2, capped at ``max_seeds``."""
+    need = [seeds_needed(sd, target) or max_seeds for sd in diff_sds if sd]
+    return min(max([2, *need]), max_seeds)
+
+
+def run_sweep_to_power(spec: SweepSpec, target: float, max_seeds: int,
+                       jobs: int = 1) -> tuple[SweepSpec, dict[str, str]]:
+    """The sweep's own seeds are a pilot that plans the confirmation: from the spread each
+    comparison showed, the seeds its paired t-test needs to detect ``target`` points (at
+    most ``max_seeds``), run as new seeds in ``<out_dir>-confirm``. The confirmation's
+    seeds are independent of the pilot that chose their number, so its t-tests keep their
+    alpha; the pilot's are not reused (reused, a 3-seed pilot lifts alpha to about 8.5 %:
+    tests/test_sweep.py simulates both). Returns the confirmation sweep and its results."""
+    from aqn.experiments.analysis import compare_points
+    from aqn.experiments.runs import find_runs
+
+    if len(spec.seeds) < 2:
+        raise ConfigError("--mde plans from the spread between seeds: the sweep (its pilot) "
+                          "needs at least 2 seeds", "seeds")
+    run_sweep(spec, jobs)
+    runs = [r for r in find_runs([out_dir_of(spec)])
+            if r.status == "done" and r.seed in spec.seeds]
+    rows = compare_points(runs).rows[1:]
+    need = seeds_for_power([None if r.seed_sd is None else 100 * r.seed_sd for r in rows],
+                           target, max_seeds)
+    worst = max((100 * r.mde for r in rows if r.mde is not None), default=None)
+    first = max(spec.seeds) + 1
+    confirm = dataclasses.replace(spec, name=f"{spec.name}-confirm",
+                                  seeds=tuple(range(first, first + need)),
+                                  out_dir=f"{out_dir_of(spec)}-confirm")
+    print(f"sweep {spec.name}: pilot of {len(spec.seeds)} seeds, largest MDE "
+          f"{'n/a' if worst is None else f'{worst:.1f}'} points; {need} new seeds detect "
+          f"{target:g} points: confirmation in {out_dir_of(confirm)}", file=sys.stderr,
+          flush=True)
+    return confirm, run_sweep(confirm, jobs)
