@@ -162,7 +162,8 @@ def test_headline_rows_and_significance(report):
     assert (f"tiny: +0.00 points vs baseline on 100 items is not significant (paired t-test "
             f"over 2 seeds, p=1): undetermined: it could miss effects up to "
             f"{100 * tiny.mde:.1f} points (MDE); about {seeds_needed(sd, 2.5)} seeds would "
-            "detect 2.5 points; SE 4.92 points") in report.headline
+            "detect 2.5 points at the spread seen here (sd 1.4 points over 2 seeds); SE 4.92 "
+            "points") in report.headline
     assert "MDE (points, 80 % power)" in report.headline
 
 

@@ -102,7 +102,8 @@ def test_costs_effects_and_the_verdict(report):
     effect = next(line for line in section.splitlines()
                   if line.startswith("| 0.1 | effect of AQN |"))
     assert "+9.67" in effect
-    assert ("AQN flattens the matmul curve (matmul=0.1: +9.67 points, p=" in section)
+    assert ("AQN flattens the matmul curve (Holm-corrected over 2 doses): matmul=0.1: "
+            "+9.67 points, p=" in section)
     assert "the perturbation costs the baseline significantly at 0.05, 0.1" in section
     # the sampled accuracy of AQN still rises at the end (0.05 per step = 5 points/step)
     assert "+50.00/10 steps (still rising)" in section
@@ -134,3 +135,27 @@ def test_summary_json(report):
     # +1, 0, -1 points: not significant, and what it could have missed is stated
     assert clean["significant"] is False
     assert clean["verdict"].startswith("undetermined: it could miss effects up to")
+
+
+def test_one_lucky_dose_does_not_flatten_a_curve_after_holm():
+    from aqn.experiments.analysis import HeadlineRow
+    from aqn.experiments.robustness import Family, Point, family_verdict
+
+    def row(label, delta, p, mde=0.04):
+        return HeadlineRow(label, 2, [40], None, None, None, delta, [40], 400, None, None,
+                           p_value=p, significant=p < 0.05, mde=mde)
+
+    doses = (1.0, 2.0, 4.0)
+    points = [Point(f"{v} @ q={d}", v, d, {}) for v in ("baseline", "AQN") for d in doses]
+    family = Family("q", points, "baseline")
+    rows = {f"baseline @ q={d}": row(f"baseline @ q={d}", -0.05, 0.2) for d in doses}
+    rows |= {"AQN @ q=1.0": row("AQN @ q=1.0", 0.0, 0.9), "AQN @ q=2.0": row("AQN @ q=2.0", 0.0,
+                                                                               0.8),
+             "AQN @ q=4.0": row("AQN @ q=4.0", 0.026, 0.03)}
+    verdict = family_verdict(family, "AQN", rows)
+    # p = 0.03 alone, x3 by Holm = 0.09: no effect, and the uncorrected p is shown
+    assert verdict.startswith("AQN does not flatten the q curve (Holm-corrected over 3 doses)")
+    assert "q=4: MDE 4.0, p=0.03 before correction" in verdict
+    rows["AQN @ q=4.0"] = row("AQN @ q=4.0", 0.026, 0.01)  # x3 = 0.03: it holds
+    assert family_verdict(family, "AQN", rows).startswith(
+        "AQN flattens the q curve (Holm-corrected over 3 doses): q=4: +2.60 points, p=0.01")

@@ -177,3 +177,12 @@ def test_mcnemar_mde_matches_a_simulation_of_mcnemar():
         b = np.where(d & b_wins, 1, 0).astype(bool)
         hits += mcnemar(a, b).p_value < 0.05
     assert hits / 2_000 == pytest.approx(0.80, abs=0.05)  # exact test vs normal approximation
+
+
+def test_holm_by_hand():
+    from aqn.experiments.stats import holm
+
+    # by hand: sorted 0.01, 0.02, 0.04, 0.30 -> x4, x3, x2, x1, made monotone
+    assert holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []

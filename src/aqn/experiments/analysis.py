@@ -209,7 +209,9 @@ def power_verdict(row: HeadlineRow, target_points: float = TARGET_MDE_POINTS) ->
         more = "add seeds: one seed cannot separate training noise from an effect"
     else:
         n = seeds_needed(100 * row.seed_sd, target_points)
-        more = (f"about {n} seeds would detect {target_points:g} points" if n else
+        spread = f"sd {100 * row.seed_sd:.1f} points over {row.n_seeds} seeds"
+        more = (f"about {n} seeds would detect {target_points:g} points at the spread seen "
+                f"here ({spread})" if n else
                 f"more than {MAX_SEEDS} seeds would be needed for {target_points:g} points")
     return f"undetermined: it could miss effects up to {mde:.1f} points (MDE); {more}"
 

@@ -27,7 +27,7 @@ from aqn import metric_keys as keys
 from aqn.experiments.analysis import TARGET_MDE_POINTS, HeadlineRow, power_verdict
 from aqn.experiments.render import Block, Heading, Image, Table, Text, fmt_p, fmt_pct, fmt_pts
 from aqn.experiments.runs import RunData
-from aqn.experiments.stats import ALPHA, avg
+from aqn.experiments.stats import ALPHA, avg, holm
 from aqn.numerics.published import PUBLISHED_MISMATCH
 
 Groups = dict[str, dict[int, RunData]]
@@ -166,34 +166,45 @@ def _fmt_ci(mean: float | None, half: float | None) -> str:
     return fmt_pct(mean) + ("" if half is None else f" ± {100 * half:.1f}")
 
 
+def _holm_significant(rows: list[HeadlineRow | None]) -> list[bool]:
+    """Which of a family's tests stay significant after Holm's correction over them all (a
+    family of 2-seed tests at alpha 0.05 finds an "effect" by chance otherwise)."""
+    tested = [i for i, r in enumerate(rows) if r is not None and r.p_value is not None]
+    adjusted = dict(zip(tested, holm([rows[i].p_value for i in tested]), strict=True))
+    return [i in adjusted and adjusted[i] < ALPHA for i in range(len(rows))]
+
+
 def family_verdict(family: Family, variant: str, rows: dict[str, HeadlineRow]) -> str:
-    """One line: does ``variant`` flatten the family's curve, and the evidence."""
-    costly, helped, hurt, missed = [], [], [], []
-    for dose in family.doses()[1:]:
-        base, point = family.point(family.baseline, dose), family.point(variant, dose)
-        if base is None or point is None:
+    """One line: does ``variant`` flatten the family's curve, and the evidence. Costs and
+    effects count as significant after Holm's correction over the family's doses."""
+    doses = [d for d in family.doses()[1:]
+             if family.point(family.baseline, d) and family.point(variant, d)]
+    costs = [rows.get(family.point(family.baseline, d).label) for d in doses]
+    effects = [rows.get(family.point(variant, d).label) for d in doses]
+    costly = [_dose(d) for d, r, sig in zip(doses, costs, _holm_significant(costs), strict=True)
+              if sig and r.delta < 0]
+    helped, hurt, missed = [], [], []
+    for d, r, sig in zip(doses, effects, _holm_significant(effects), strict=True):
+        if r is None or r.delta is None:
             continue
-        cost, effect = rows.get(base.label), rows.get(point.label)
-        if cost is not None and cost.significant and (cost.delta or 0) < 0:
-            costly.append(dose)
-        if effect is None or effect.delta is None:
-            continue
-        at = f"{family.name}={_dose(dose)}"
-        if effect.significant:
-            (helped if effect.delta > 0 else hurt).append(
-                f"{at}: {fmt_pts(effect.delta)} points, p={fmt_p(effect.p_value)}")
-        elif effect.mde is not None:
-            missed.append(f"{at}: MDE {100 * effect.mde:.1f}")
-    where = ("the perturbation costs the baseline significantly at "
-             + ", ".join(_dose(d) for d in costly) if costly else
-             "the perturbation never costs the baseline significantly")
+        at = f"{family.name}={_dose(d)}"
+        if sig:
+            (helped if r.delta > 0 else hurt).append(
+                f"{at}: {fmt_pts(r.delta)} points, p={fmt_p(r.p_value)}")
+        elif r.mde is not None:
+            missed.append(f"{at}: MDE {100 * r.mde:.1f}"
+                          + (f", p={fmt_p(r.p_value)} before correction"
+                             if r.significant else ""))
+    where = (f"the perturbation costs the baseline significantly at {', '.join(costly)}"
+             if costly else "the perturbation never costs the baseline significantly")
+    how = f" (Holm-corrected over {len(doses)} doses)"
     if hurt:
-        return f"{variant} steepens the {family.name} curve ({'; '.join(hurt)}); {where}."
+        return f"{variant} steepens the {family.name} curve{how}: {'; '.join(hurt)}; {where}."
     if helped:
-        return f"{variant} flattens the {family.name} curve ({'; '.join(helped)}); {where}."
+        return f"{variant} flattens the {family.name} curve{how}: {'; '.join(helped)}; {where}."
     detail = (f"no dose shows a significant effect (what each could detect, points: "
               f"{'; '.join(missed)})" if missed else "no dose could be tested (add seeds)")
-    return f"{variant} does not flatten the {family.name} curve: {detail}; {where}."
+    return f"{variant} does not flatten the {family.name} curve{how}: {detail}; {where}."
 
 
 def _dose(dose: float | str | None) -> str:
@@ -202,43 +213,64 @@ def _dose(dose: float | str | None) -> str:
     return f"{dose:g}" if isinstance(dose, float) else str(dose)
 
 
-def plot_family(path: Path, family: Family) -> None:
-    """Final accuracy (seed mean, 95 % CI) against the baseline's mismatch: solid where the
-    policy runs, dashed clean; the published mismatch bands shaded on the x-axis."""
+def _axes(title: str):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.8))
-    FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)  # Agg, without pyplot's global state
     ax = fig.add_subplot()
-    doses = [d for d in family.doses() if family.x(d) is not None]
     for key, color in BAND_STYLE.items():
         band = PUBLISHED_MISMATCH[key]
         ax.axvspan(band.low, band.high, color=color, alpha=0.08, lw=0)
         ax.text(band.high, 0.01, BAND_LABEL[key], transform=ax.get_xaxis_transform(),
                 ha="right", va="bottom", fontsize=7, color=color, rotation=90)
-    for i, variant in enumerate(family.variants()):
-        for what, style in (("final", "-"), ("final_clean", "--")):
-            xs, ys, errs = [], [], []
-            for dose in doses:
-                point = family.point(variant, dose)
-                mean, half = seed_mean_ci(getattr(point, what)) if point else (None, None)
-                if mean is not None:
-                    xs.append(family.x(dose))
-                    ys.append(100 * mean)
-                    errs.append(100 * (half or 0.0))
-            where = "where it runs" if what == "final" else "clean"
-            if xs:
-                ax.errorbar(xs, ys, yerr=errs, color=f"C{i}", ls=style, marker="o", ms=4,
-                            capsize=3, label=f"{variant} ({where})")
     ax.set_xlabel("mean |Δlogp| per token of the baseline, training mean "
                   "(rollout_corr/abs_logp_diff_mean)")
     ax.set_ylabel("final validation accuracy (%)")
-    ax.set_title(f"Robustness: {family.name} (seed mean, 95 % CI)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _curve(ax, family: Family, variant: str, what: str, **style) -> None:
+    xs, ys, errs = [], [], []
+    for dose in family.doses():
+        point, x = family.point(variant, dose), family.x(dose)
+        mean, half = seed_mean_ci(getattr(point, what)) if point else (None, None)
+        if mean is not None and x is not None:
+            xs.append(x)
+            ys.append(100 * mean)
+            errs.append(100 * (half or 0.0))
+    if xs:
+        ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, capsize=3, **style)
+
+
+def _save(fig, ax, path: Path) -> None:
     ax.legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def plot_family(path: Path, family: Family) -> None:
+    """Final accuracy (seed mean, 95 % CI) against the baseline's mismatch: solid where the
+    policy runs, dashed clean; the published mismatch bands shaded on the x-axis."""
+    fig, ax = _axes(f"Robustness: {family.name} (seed mean, 95 % CI)")
+    for i, variant in enumerate(family.variants()):
+        _curve(ax, family, variant, "final", color=f"C{i}", ls="-",
+               label=f"{variant} (where it runs)")
+        _curve(ax, family, variant, "final_clean", color=f"C{i}", ls="--",
+               label=f"{variant} (clean)")
+    _save(fig, ax, path)
+
+
+def plot_families(path: Path, families: list[Family]) -> None:
+    """The baseline of every family on one mismatch axis: at equal measured mismatch, do
+    the perturbations cost the same accuracy?"""
+    fig, ax = _axes("Baseline, every family (where it runs; seed mean, 95 % CI)")
+    for i, family in enumerate(families):
+        _curve(ax, family, family.baseline, "final", color=f"C{i}", label=family.name)
+    _save(fig, ax, path)
 
 
 def robustness_section(groups: Groups, baseline: str, rows: dict[str, HeadlineRow],
@@ -263,6 +295,12 @@ def robustness_section(groups: Groups, baseline: str, rows: dict[str, HeadlineRo
              "accuracy over the last quarter of the steps is significantly above 0 "
              "(then more steps would change the curve)."),
     ]
+    if len(fams) > 1:
+        plot_families(out_dir / "robustness_families.png", fams)
+        blocks += [Text("Every family's baseline on one axis (where it runs): at equal "
+                        "measured mismatch, do the perturbations cost the same accuracy?"),
+                   Image("robustness_families.png", "baseline: final accuracy against the "
+                         "measured mismatch, one line per family")]
     for family in fams:
         file = f"robustness_{family.name}.png"
         plot_family(out_dir / file, family)

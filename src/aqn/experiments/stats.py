@@ -222,6 +222,17 @@ def mcnemar_mde(discordant: float, n_items: int, alpha: float = ALPHA,
     return z * math.sqrt(discordant / n_items)
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: rejecting where they are below alpha keeps the
+    chance of any false positive among the family of tests at alpha."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def avg(values: Iterable[float]) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
