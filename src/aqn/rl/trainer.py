@@ -406,9 +406,10 @@ class GRPOTrainer:
             if final or (t.test_freq > 0 and done % t.test_freq == 0):
                 timer = Timer()
                 with timer("testing"):
-                    metrics.update(self.validate(done))
+                    # clean first, so that the engine ends as it runs (perturbed)
                     if final and self.validation_is_perturbed and t.validate_clean_at_end:
                         metrics.update(self.validate(done, clean=True))
+                    metrics.update(self.validate(done))
                 metrics.update(timer.timings)
             self.tracker.log(done, metrics)
             if final or (t.save_freq > 0 and done % t.save_freq == 0):
