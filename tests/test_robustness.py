@@ -105,6 +105,8 @@ def test_costs_effects_and_the_verdict(report):
     assert ("AQN flattens the matmul curve (Holm-corrected over 2 doses): matmul=0.1: "
             "+9.67 points, p=" in section)
     assert "the perturbation costs the baseline significantly at 0.05, 0.1" in section
+    assert ("Cost of matmul to baseline (Holm-corrected over 2 doses): significant 0.05: "
+            "-3.00 points, p=0.035; 0.1: -18.67 points, p=0.0022.") in section
     # the sampled accuracy of AQN still rises at the end (0.05 per step = 5 points/step)
     assert "+50.00/10 steps (still rising)" in section
     assert (report.paths[0].parent / "robustness_matmul.png").stat().st_size > 10_000

@@ -174,6 +174,25 @@ def _holm_significant(rows: list[HeadlineRow | None]) -> list[bool]:
     return [i in adjusted and adjusted[i] < ALPHA for i in range(len(rows))]
 
 
+def cost_verdict(family: Family, rows: dict[str, HeadlineRow]) -> str:
+    """One line: at which doses the perturbation costs the baseline (Holm-corrected over
+    the family's doses), and what the others could have detected."""
+    doses = [d for d in family.doses()[1:] if family.point(family.baseline, d)]
+    costs = [rows.get(family.point(family.baseline, d).label) for d in doses]
+    costly, rest = [], []
+    for d, r, sig in zip(doses, costs, _holm_significant(costs), strict=True):
+        if r is None or r.delta is None:
+            continue
+        if sig:
+            costly.append(f"{_dose(d)}: {fmt_pts(r.delta)} points, p={fmt_p(r.p_value)}")
+        elif r.mde is not None:
+            rest.append(f"{_dose(d)}: MDE {100 * r.mde:.1f}")
+    found = "; ".join(costly) if costly else "at no dose"
+    return (f"Cost of {family.name} to {family.baseline} (Holm-corrected over {len(doses)} "
+            f"doses): significant {found}" + (f"; not at {'; '.join(rest)}" if rest else "")
+            + ".")
+
+
 def family_verdict(family: Family, variant: str, rows: dict[str, HeadlineRow]) -> str:
     """One line: does ``variant`` flatten the family's curve, and the evidence. Costs and
     effects count as significant after Holm's correction over the family's doses."""
@@ -339,6 +358,7 @@ def robustness_section(groups: Groups, baseline: str, rows: dict[str, HeadlineRo
             Table(["dose", "comparison", "Δ points [95 % CI]", "p", "MDE (points)",
                    "verdict"], comparison_rows),
         ]
+        blocks += [Text(cost_verdict(family, rows))]
         blocks += [Text(family_verdict(family, v, rows))
                    for v in family.variants() if v != family.baseline]
     return blocks
