@@ -272,8 +272,8 @@ def test_validation_is_clean_unless_asked(tmp_path, monkeypatch):
     calls = []
     original = GRPOTrainer.validate
 
-    def spy(self, step):
-        result = original(self, step)
+    def spy(self, step, val=None, clean=False):
+        result = original(self, step, val, clean)
         calls.append(self.engine.perturbations.all[0].injector.applied_step)
         return result
 
@@ -281,8 +281,15 @@ def test_validation_is_clean_unless_asked(tmp_path, monkeypatch):
     train(smoke(tmp_path, *AQN, name="clean"))
     assert calls == [None, None, None]  # steps 0, 2, 4 validated on clean weights
     calls.clear()
-    train(smoke(tmp_path, *AQN, "trainer.validate_with_perturbation=true", name="noisy"))
-    assert calls == [0, 2, 4]
+    run = smoke(tmp_path, *AQN, "trainer.validate_with_perturbation=true", name="noisy")
+    train(run)
+    # and the final policy once more with no noise at all (trainer.validate_clean_at_end)
+    assert calls == [0, 2, None, 4]
+    run_dir = tmp_path / "noisy"
+    items = [json.loads(line) for line in (run_dir / "val" / "clean_step_4.jsonl").open()]
+    assert len(items) == 8
+    last = read_metrics(run_dir)[-1]
+    assert last["val-clean/arith/acc/mean@1"] == sum(it["correct"] for it in items) / 8
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-sum-norm",
