@@ -26,7 +26,7 @@ from scipy import stats as sps
 from aqn import metric_keys as keys
 from aqn.experiments.analysis import TARGET_MDE_POINTS, HeadlineRow, power_verdict
 from aqn.experiments.render import Block, Heading, Image, Table, Text, fmt_p, fmt_pct, fmt_pts
-from aqn.experiments.runs import RunData
+from aqn.experiments.runs import RunData, dose_label
 from aqn.experiments.stats import ALPHA, avg, holm
 from aqn.numerics.published import PUBLISHED_MISMATCH
 
@@ -184,9 +184,9 @@ def cost_verdict(family: Family, rows: dict[str, HeadlineRow]) -> str:
         if r is None or r.delta is None:
             continue
         if sig:
-            costly.append(f"{_dose(d)}: {fmt_pts(r.delta)} points, p={fmt_p(r.p_value)}")
+            costly.append(f"{dose_label(d)}: {fmt_pts(r.delta)} points, p={fmt_p(r.p_value)}")
         elif r.mde is not None:
-            rest.append(f"{_dose(d)}: MDE {100 * r.mde:.1f}")
+            rest.append(f"{dose_label(d)}: MDE {100 * r.mde:.1f}")
     found = "; ".join(costly) if costly else "at no dose"
     return (f"Cost of {family.name} to {family.baseline} (Holm-corrected over {len(doses)} "
             f"doses): significant {found}" + (f"; not at {'; '.join(rest)}" if rest else "")
@@ -200,13 +200,13 @@ def family_verdict(family: Family, variant: str, rows: dict[str, HeadlineRow]) -
              if family.point(family.baseline, d) and family.point(variant, d)]
     costs = [rows.get(family.point(family.baseline, d).label) for d in doses]
     effects = [rows.get(family.point(variant, d).label) for d in doses]
-    costly = [_dose(d) for d, r, sig in zip(doses, costs, _holm_significant(costs), strict=True)
-              if sig and r.delta < 0]
+    costly = [dose_label(d) for d, r, sig in zip(doses, costs, _holm_significant(costs),
+                                                  strict=True) if sig and r.delta < 0]
     helped, hurt, missed = [], [], []
     for d, r, sig in zip(doses, effects, _holm_significant(effects), strict=True):
         if r is None or r.delta is None:
             continue
-        at = f"{family.name}={_dose(d)}"
+        at = f"{family.name}={dose_label(d)}"
         if sig:
             (helped if r.delta > 0 else hurt).append(
                 f"{at}: {fmt_pts(r.delta)} points, p={fmt_p(r.p_value)}")
@@ -224,12 +224,6 @@ def family_verdict(family: Family, variant: str, rows: dict[str, HeadlineRow]) -
     detail = (f"no dose shows a significant effect (what each could detect, points: "
               f"{'; '.join(missed)})" if missed else "no dose could be tested (add seeds)")
     return f"{variant} does not flatten the {family.name} curve{how}: {detail}; {where}."
-
-
-def _dose(dose: float | str | None) -> str:
-    if dose is None:
-        return "clean"
-    return f"{dose:g}" if isinstance(dose, float) else str(dose)
 
 
 def _axes(title: str):
@@ -334,7 +328,7 @@ def robustness_section(groups: Groups, baseline: str, rows: dict[str, HeadlineRo
                     f"{slope:+.2f}/10 steps" + (" (still rising)" if p_slope < ALPHA and slope > 0
                                                 else ""))
                 points_rows.append([
-                    _dose(dose), variant, str(len(point.runs)),
+                    dose_label(dose), variant, str(len(point.runs)),
                     f"{point.mismatch:.4f}" if point.mismatch is not None else "n/a",
                     f"{first_step(point.runs, keys.ABS_LOGP_DIFF):.4f}"
                     if first_step(point.runs, keys.ABS_LOGP_DIFF) is not None else "n/a",
@@ -346,7 +340,7 @@ def robustness_section(groups: Groups, baseline: str, rows: dict[str, HeadlineRo
                     continue
                 what = (f"cost: {variant} vs clean" if variant == family.baseline
                         else f"effect of {variant}")
-                comparison_rows.append([_dose(dose), what]
+                comparison_rows.append([dose_label(dose), what]
                                        + _comparison_cells(rows.get(point.label), target))
         blocks += [
             Heading(f"Robustness: {family.name}", 3),

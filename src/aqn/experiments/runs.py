@@ -18,6 +18,14 @@ from aqn.experiments import foreign
 _VAL_FILE = re.compile(r"step_(\d+)\.jsonl")
 
 
+def dose_label(dose: float | str | None) -> str:
+    """How a dose appears in run folder names and reports: 0.05, 4, npu-naive; "clean" for
+    a variant's clean point."""
+    if dose is None:
+        return "clean"
+    return f"{dose:g}" if isinstance(dose, float) else str(dose)
+
+
 class RunLoadError(ValueError):
     """A path holds no run directory, or a run file cannot be read."""
 
@@ -52,8 +60,7 @@ class RunData:
         ("baseline @ matmul=0.05")."""
         if self.family is None:
             return self.variant
-        dose = f"{self.dose:g}" if isinstance(self.dose, float) else self.dose
-        return f"{self.variant} @ {self.family}={dose}"
+        return f"{self.variant} @ {self.family}={dose_label(self.dose)}"
 
     @property
     def name(self) -> str:

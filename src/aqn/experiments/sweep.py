@@ -59,6 +59,7 @@ import torch
 from aqn.config import AQNConfig, load_config
 from aqn.config.loader import build, read_yaml
 from aqn.errors import ConfigError
+from aqn.experiments.runs import dose_label
 from aqn.experiments.stats import seeds_needed
 from aqn.files import write_atomic
 from aqn.rl.checkpoint import checkpoint_steps
@@ -80,11 +81,6 @@ class DoseFamily:
         return [*self.overrides, *(f"{k}={dose}" for k in self.keys)]
 
 
-def dose_label(dose: float | str) -> str:
-    """How a dose appears in run folder names and reports: 0.05, 4, npu-naive."""
-    return f"{dose:g}" if isinstance(dose, float) else str(dose)
-
-
 @dataclass(frozen=True)
 class RunKey:
     """One run of a sweep: a variant and a seed, at the clean point (family None) or at one
@@ -101,10 +97,11 @@ class RunKey:
         return f"{self.variant}{at}__seed{self.seed}"
 
 
-def _plain_name(name: str, what: str) -> None:
-    if not name or "/" in name or name.startswith(".") or "__" in name or "@" in name:
-        raise ConfigError(f"{what} name {name!r} must be a plain folder name (no '/', '__' "
-                          "or '@', not starting with '.')", what + "s")
+def _check_name(name: str, what: str, forbidden: tuple[str, ...] = ("/",)) -> None:
+    if not name or name.startswith(".") or any(c in name for c in forbidden):
+        raise ConfigError(f"{what} name {name!r} must be a plain folder name (no "
+                          f"{', '.join(map(repr, forbidden))}, not starting with '.')",
+                          what + "s")
 
 
 @dataclass(frozen=True)
@@ -128,9 +125,9 @@ class SweepSpec:
         if not self.variants:
             raise ConfigError("must list at least one variant", "variants")
         for name in self.variants:
-            _plain_name(name, "variant")
+            _check_name(name, "variant")
         for name, family in self.doses.items():
-            _plain_name(name, "dose")
+            _check_name(name, "dose", ("/", "__", "@"))  # it sits in run folder names
             labels = [dose_label(d) for d in family.values]
             if not family.keys or not labels or len(set(labels)) != len(labels):
                 raise ConfigError(f"family {name!r} needs key(s) and distinct values, got "
