@@ -161,3 +161,22 @@ def test_one_lucky_dose_does_not_flatten_a_curve_after_holm():
     rows["AQN @ q=4.0"] = row("AQN @ q=4.0", 0.026, 0.01)  # x3 = 0.03: it holds
     assert family_verdict(family, "AQN", rows).startswith(
         "AQN flattens the q curve (Holm-corrected over 3 doses): q=4: +2.60 points, p=0.01")
+
+
+def test_a_perturbed_validation_without_val_clean_has_no_clean_accuracy(sweep, tmp_path):
+    import shutil
+
+    from aqn.experiments.robustness import Point
+
+    run_dir = tmp_path / "r"
+    shutil.copytree(sweep / "baseline__matmul@0.1__seed1", run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    for row in rows:
+        row.pop("val-clean/arith/acc/mean@1", None)
+    rows[-1]["val-aux/perturb/op_noise/calls"] = 10.0  # validated on the perturbed engine
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = find_runs([run_dir])[0]
+    assert Point("p", "baseline", 0.1, {1: run}).final_clean == []
+    rows[-1].pop("val-aux/perturb/op_noise/calls")  # validated clean: that is its accuracy
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert Point("p", "baseline", 0.1, {1: find_runs([run_dir])[0]}).final_clean == [0.40]

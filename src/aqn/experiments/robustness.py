@@ -75,6 +75,11 @@ def last_quarter_slope(runs: dict[int, RunData]) -> tuple[float | None, float | 
     return 10 * float(fit.slope), float(fit.pvalue)
 
 
+def _validated_perturbed(run: RunData) -> bool:
+    final = next((row for row in run.metrics if row["step"] == run.final_step), {})
+    return any(k.startswith(f"{keys.VAL_AUX}perturb/") for k in final)
+
+
 @dataclass
 class Point:
     """One (variant, dose) of a family: its seeds' final accuracies and its mismatch."""
@@ -90,13 +95,13 @@ class Point:
 
     @property
     def final_clean(self) -> list[float]:
-        """Accuracy of each final policy with no perturbation (at the clean point or where
-        validation was clean anyway, that is its accuracy)."""
+        """Accuracy of each final policy with no perturbation: its val-clean figure, or its
+        validation when no perturbation acted there (no val-aux/perturb/* metrics)."""
         out = []
         for r in self.runs.values():
             if r.final_step in r.clean_accuracy:
                 out.append(r.clean_accuracy[r.final_step])
-            elif r.accuracy and (self.dose is None or not r.clean_accuracy):
+            elif r.accuracy and not _validated_perturbed(r):
                 out.append(r.accuracy[r.final_step])
         return out
 
