@@ -319,3 +319,23 @@ def test_mde_sweep_runs_a_confirmation_of_the_planned_seeds(tmp_path, monkeypatc
     assert out_dir_of(confirm) == tmp_path / "sweep-confirm"
     with pytest.raises(ConfigError, match="at least 2 seeds"):
         sweep_module.run_sweep_to_power(quick(tmp_path, seeds=(1,)), 2.5, 10)
+
+
+def test_cli_sweep_mde_runs_the_pilot_then_the_confirmation(tmp_path, capsys):
+    from aqn.cli import main
+
+    f = tmp_path / "s.yaml"
+    f.write_text(f"name: s\nbase: smoke\nout_dir: {tmp_path / 'out'}\nseeds: [1, 2]\n"
+                 "overrides: [trainer.total_training_steps=2]\nvariants:\n  baseline: []\n"
+                 "  AQN: [aqn=small]\n")
+    assert main(["sweep", str(f), "--mde", "2.5", "--max-seeds", "3", "--report"]) == 0
+    out, err = capsys.readouterr()
+    assert "sweep s: pilot of 2 seeds, largest MDE" in err
+    confirm = tmp_path / "out-confirm"
+    assert sorted(p.name for p in confirm.iterdir() if p.name.endswith(("3", "4", "5"))) \
+        in (["AQN__seed3", "AQN__seed4", "baseline__seed3", "baseline__seed4"],
+            ["AQN__seed3", "AQN__seed4", "AQN__seed5", "baseline__seed3", "baseline__seed4",
+             "baseline__seed5"])
+    summary = json.loads((confirm / "report" / "summary.json").read_text())
+    assert summary["target_mde_points"] == 2.5
+    assert summary["comparisons"][0]["seeds"] >= 2
