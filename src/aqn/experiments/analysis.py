@@ -86,6 +86,21 @@ class HeadlineRow:
         return None
 
 
+def first_run(runs: dict[int, RunData]) -> RunData:
+    """A group's first run: what its seeds share (variant, family, dose, config)."""
+    return next(iter(runs.values()))
+
+
+def clean_points(groups: dict[str, dict[int, RunData]]) -> dict[str, dict[int, RunData]]:
+    """The groups at a variant's clean point (no dose of a dose sweep)."""
+    return {p: g for p, g in groups.items() if first_run(g).family is None}
+
+
+def training_mean(runs: dict[int, RunData], key: str) -> float | None:
+    """Mean of ``key`` over each run's steps, then over the runs that logged it."""
+    return avg(m for r in runs.values() if (m := avg(r.series(key).values())) is not None)
+
+
 def by_seed(runs: Iterable[RunData]) -> dict[int, RunData]:
     """seed -> run; with duplicates (same variant and seed) the first in sort order wins."""
     out: dict[int, RunData] = {}
@@ -278,11 +293,10 @@ def reference_of(point: str, groups: dict[str, dict[int, RunData]], baseline: st
     """The group ``point`` is compared with: the baseline at the same dose of a dose sweep
     (the effect of a variant there), and the baseline's clean point for the baseline at a dose
     (the cost of the dose) and for every clean point."""
-    run = next(iter(groups[point].values()))
-    base_variant = next(iter(groups[baseline].values())).variant
+    run, base_variant = first_run(groups[point]), first_run(groups[baseline]).variant
     if run.family is None or run.variant == base_variant:
         return baseline
-    return next((p for p, runs in groups.items() if (r := next(iter(runs.values()))).variant
+    return next((p for p, runs in groups.items() if (r := first_run(runs)).variant
                  == base_variant and (r.family, r.dose) == (run.family, run.dose)), baseline)
 
 
@@ -302,8 +316,7 @@ def compare_points(runs: Iterable[RunData], baseline: str | None = None) -> Comp
     groups = {p: by_seed(r for r in runs if r.point == p) for p in points}
     if not groups:
         return Comparisons({}, None, [])
-    clean = {p: g for p, g in groups.items() if next(iter(g.values())).family is None}
-    base = pick_baseline(clean or groups, baseline)
+    base = pick_baseline(clean_points(groups) or groups, baseline)
     groups = {base: groups[base], **{v: g for v, g in groups.items() if v != base}}
     rows = [variant_row(v, g) for v, g in groups.items()]
     by_point = {r.variant: r for r in rows}

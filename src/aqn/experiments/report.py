@@ -19,11 +19,14 @@ from aqn.experiments.analysis import (
     TARGET_MDE_POINTS,
     HeadlineRow,
     LearningResult,
+    clean_points,
     compare_points,
+    first_run,
     learning_result,
     machine_label,
     noise_warnings,
     power_verdict,
+    training_mean,
 )
 from aqn.experiments.render import (
     Alert,
@@ -40,7 +43,7 @@ from aqn.experiments.render import (
     to_html,
     to_markdown,
 )
-from aqn.experiments.robustness import robustness_section, training_mean
+from aqn.experiments.robustness import robustness_section
 from aqn.experiments.runs import RunData, find_runs
 from aqn.experiments.stats import ALPHA, avg, mean_curve
 from aqn.files import write_atomic
@@ -177,7 +180,7 @@ def summary(rows: list[HeadlineRow], groups: dict[str, dict[int, RunData]],
     for r in rows:
         if not r.against:
             continue
-        run = next(iter(groups[r.variant].values()))
+        run = first_run(groups[r.variant])
         ci = r.ci()
         comparisons.append({
             "variant": run.variant, "point": r.variant, "against": r.against,
@@ -296,11 +299,6 @@ def _first_last(runs: dict[int, RunData], key: str) -> str:
     return f"{fmt_num(avg(firsts))} -> {fmt_num(avg(lasts))}"
 
 
-def _steps_then_seeds(runs: dict[int, RunData], key: str) -> float | None:
-    """Mean of ``key`` over each run's steps, then over the runs that logged it."""
-    return avg(m for r in runs.values() if (m := avg(r.series(key).values())) is not None)
-
-
 def _training_section(groups: dict[str, dict[int, RunData]]) -> list[Block]:
     entropy = {v: mean_curve(r.series("actor/entropy") for r in runs.values())
                for v, runs in groups.items()}
@@ -310,7 +308,7 @@ def _training_section(groups: dict[str, dict[int, RunData]]) -> list[Block]:
     if steps and shown[-1] != steps[-1]:
         shown.append(steps[-1])
     entropy_rows = [[str(s)] + [fmt_num(entropy[v].get(s)) for v in groups] for s in shown]
-    mismatch_rows = [[v] + [fmt_num(_steps_then_seeds(runs, k)) for k in MISMATCH_KEYS]
+    mismatch_rows = [[v] + [fmt_num(training_mean(runs, k)) for k in MISMATCH_KEYS]
                      for v, runs in groups.items()]
     return [
         Heading("3. Training signal, entropy and rollout-training mismatch"),
@@ -356,7 +354,7 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
     for variant, runs in groups.items():
         if not any(r.aqn_enabled for r in runs.values()):
             continue
-        preset = next(iter(runs.values())).setting("trainer.noise_injection.preset", "n/a")
+        preset = first_run(runs).setting("trainer.noise_injection.preset", "n/a")
         stages: dict[int, dict[str, list[float]]] = {}
         for r in runs.values():
             for row in r.training_rows():
@@ -427,7 +425,7 @@ def _perturbation_sections(groups: dict[str, dict[int, RunData]]) -> list[Block]
                         for row in r.training_rows() for k in row if k.startswith(prefixes)})
         if not found:
             continue
-        rows = [[v] + [fmt_num(_steps_then_seeds(runs, k)) for k in found]
+        rows = [[v] + [fmt_num(training_mean(runs, k)) for k in found]
                 for v, runs in groups.items()]
         blocks += [Heading(f"4{chr(ord('a') + len(blocks) // 3)}. {spec.report_section}"),
                    Text(("" if spec.name == "aqn" else
@@ -516,7 +514,7 @@ def build_report(
     headline = "No completed runs to compare."
     learning = None
     if groups:
-        clean = {p: g for p, g in groups.items() if next(iter(g.values())).family is None}
+        clean = clean_points(groups)
         learning = learning_result(base, groups[base])
         learned = Text(learning.sentence())
         blocks.append(learned)

@@ -24,7 +24,13 @@ import numpy as np
 from scipy import stats as sps
 
 from aqn import metric_keys as keys
-from aqn.experiments.analysis import TARGET_MDE_POINTS, HeadlineRow, power_verdict
+from aqn.experiments.analysis import (
+    TARGET_MDE_POINTS,
+    HeadlineRow,
+    first_run,
+    power_verdict,
+    training_mean,
+)
 from aqn.experiments.render import Block, Heading, Image, Table, Text, fmt_p, fmt_pct, fmt_pts
 from aqn.experiments.runs import RunData, dose_label
 from aqn.experiments.stats import ALPHA, avg, holm
@@ -34,15 +40,6 @@ Groups = dict[str, dict[int, RunData]]
 BAND_STYLE = {"gpu": "C2", "npu-fixed": "C4", "npu-naive": "C3"}
 BAND_LABEL = {"gpu": "GPU vLLM vs FSDP", "npu-fixed": "Ascend, fixed port",
               "npu-naive": "Ascend, naive port"}
-
-
-def _first(runs: dict[int, RunData]) -> RunData:
-    return next(iter(runs.values()))
-
-
-def training_mean(runs: dict[int, RunData], key: str) -> float | None:
-    """Mean of ``key`` over each run's training steps, then over its seeds."""
-    return avg(m for r in runs.values() if (m := avg(r.series(key).values())) is not None)
 
 
 def first_step(runs: dict[int, RunData], key: str) -> float | None:
@@ -137,7 +134,7 @@ class Family:
 
 def families(groups: Groups, baseline: str) -> list[Family]:
     """The dose families in ``groups``, each with every variant's clean point."""
-    meta = {label: _first(runs) for label, runs in groups.items()}
+    meta = {label: first_run(runs) for label, runs in groups.items()}
     base_variant = meta[baseline].variant
     clean = [Point(label, r.variant, None, groups[label]) for label, r in meta.items()
              if r.family is None]
@@ -332,13 +329,12 @@ def robustness_section(groups: Groups, baseline: str, rows: dict[str, HeadlineRo
                 rising = "n/a" if slope is None else (
                     f"{slope:+.2f}/10 steps" + (" (still rising)" if p_slope < ALPHA and slope > 0
                                                 else ""))
+                figures = ((point.mismatch, ".4f"),
+                           (first_step(point.runs, keys.ABS_LOGP_DIFF), ".4f"),
+                           (training_mean(point.runs, keys.ROLLOUT_KL), ".2e"))
                 points_rows.append([
                     dose_label(dose), variant, str(len(point.runs)),
-                    f"{point.mismatch:.4f}" if point.mismatch is not None else "n/a",
-                    f"{first_step(point.runs, keys.ABS_LOGP_DIFF):.4f}"
-                    if first_step(point.runs, keys.ABS_LOGP_DIFF) is not None else "n/a",
-                    f"{training_mean(point.runs, keys.ROLLOUT_KL):.2e}"
-                    if training_mean(point.runs, keys.ROLLOUT_KL) is not None else "n/a",
+                    *("n/a" if x is None else format(x, spec) for x, spec in figures),
                     _fmt_ci(*seed_mean_ci(point.final)),
                     _fmt_ci(*seed_mean_ci(point.final_clean)), rising])
                 if dose is None:
