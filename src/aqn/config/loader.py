@@ -126,6 +126,53 @@ def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise (e.under(prefix) if prefix else e) from None
 
 
+def _at(source: str | Path | None, line: int) -> str:
+    return f"{source}:{line}" if source is not None else f"line {line}"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently: a sweep's second ``a:`` variant would replace the first)."""
+
+    source: str | Path | None = None
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: the keys written beside it override it, by design
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"{_at(self.source, line)}: duplicate key {key!r} "
+                                          f"(first at line {seen[key]})")
+                    seen[key] = line
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader's own error names it
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_strict(text: str, source: str | Path | None = None) -> Any:
+    """``text`` parsed as YAML (safe tags only), refusing a key given twice in one mapping.
+
+    Every failure is a ConfigError starting ``<source>:<line>:`` (``line <n>:`` without a
+    source): ``duplicate key 'x' (first at line N)`` or ``invalid YAML: <problem>``.
+    """
+    loader = _StrictLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = _at(source, mark.line + 1) if mark else (str(source) if source else "YAML")
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}"
+                          ) from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (['a', 'b', 'c'], value parsed as YAML)."""
     if "=" not in text:
@@ -135,9 +182,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse the value of {text!r}: {e}", key) from None
+        value = load_yaml_strict(raw) if raw.strip() else ""
+    except ConfigError as e:
+        raise ConfigError(f"cannot parse the value of {text!r}: {e.message}", key) from None
     return key.split("."), value
 
 
@@ -169,12 +216,7 @@ def read_yaml(path: str | Path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    data = load_yaml_strict(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -6,8 +6,11 @@ on other sections (AQN's schedule length and seed) once, before anything is buil
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from aqn.data import train_size
@@ -17,6 +20,8 @@ from aqn.numerics import PROFILES
 from aqn.numerics.op_noise import OpNoiseConfig
 from aqn.quant import FORMATS
 from aqn.quant.weight_noise import WeightNoiseConfig
+
+log = logging.getLogger(__name__)
 
 
 def _check_hardware(quantization: str | None, numerics: str,
@@ -62,6 +67,24 @@ class DataConfig:
                 raise ConfigError(f"must be > 0, got {getattr(self, name)}", name)
 
 
+def is_local_model_path(name: str) -> bool:
+    """Whether a model name is read as a local path rather than a hub id (``org/name``): it
+    starts with '/', '.' or '~', has more than one '/', or is a Windows path (a drive letter
+    or a backslash). A bare name (``tiny``) is neither: a built-in or a folder here."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or re.match(r"[A-Za-z]:", name) is not None)
+
+
+def missing_model_path(name: str) -> str | None:
+    """The error for a model name read as a local path that does not exist (transformers
+    would answer "Repo id must be in the form ..."); None when it exists or is no path.
+    The one place of the rule: ModelConfig checks it when the config is loaded (before a run
+    directory exists), aqn.models.load_model for the commands that take --model."""
+    if is_local_model_path(name) and not Path(name).expanduser().exists():
+        return f"{name} does not exist (a local path; a hub id looks like org/name)"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # "tiny" (random, built in code), "tiny-base" (tiny pretrained on the arith task,
@@ -70,6 +93,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Recompute activations in the backward pass of the trainer copy: less memory, ~30 % slower.
     enable_gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        missing = missing_model_path(self.path)
+        if missing:
+            raise ConfigError(missing, "path")
 
 
 @dataclass(frozen=True)
@@ -424,6 +452,24 @@ def resolve(cfg: AQNConfig) -> AQNConfig:
         raise ConfigError("a quantized policy trains through LoRA adapters: set "
                           "actor_rollout_ref.actor.lora.rank > 0 (QeRL: 16-32)",
                           "actor_rollout_ref.actor.quantization")
+    _warn_no_gradient(cfg)
     arr = replace(cfg.actor_rollout_ref, actor=replace(actor, ppo_mini_batch_size=mini))
     return replace(cfg, data=data, actor_rollout_ref=arr,
                    trainer=replace(t, noise_injection=noise))
+
+
+def _warn_no_gradient(cfg: AQNConfig) -> None:
+    """Warn about a config whose training steps cannot change the policy. Not an error: a
+    no-update run (evaluation, a baseline of the rollout alone) is a legitimate wish."""
+    actor = cfg.actor_rollout_ref.actor
+    if cfg.actor_rollout_ref.rollout.n == 1 and cfg.algorithm.adv_estimator == "grpo":
+        others = [k for k, on in (("actor_rollout_ref.actor.use_kl_loss", actor.use_kl_loss),
+                                  ("actor_rollout_ref.actor.entropy_coeff",
+                                   actor.entropy_coeff != 0)) if on]
+        log.warning("actor_rollout_ref.rollout.n=1: GRPO's advantage is 0 for a group of one; "
+                    "every step's %s; set n >= 2 (a group to compare with)",
+                    f"policy-gradient term is zero (only {' and '.join(others)} move the "
+                    "policy)" if others else "gradient is zero")
+    if actor.optim.lr == 0:
+        log.warning("actor_rollout_ref.actor.optim.lr=0: the optimizer makes every update zero; "
+                    "the policy never changes (fine for an evaluation-only run)")

@@ -65,7 +65,15 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
         return load_tiny_base(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from aqn.config.schema import is_local_model_path, missing_model_path
+    from aqn.errors import ConfigError
+
     source = name
+    missing = missing_model_path(name)
+    if missing:  # before transformers, whose answer is "Repo id must be in the form ..."
+        raise ConfigError(f"model {missing}")
+    if is_local_model_path(name):
+        source = str(Path(name).expanduser())  # transformers leaves '~' as it is
     if name == "smollm2-135m-instruct":
         from aqn.models.smollm2 import smollm2_source
 

@@ -8,8 +8,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from aqn.errors import ConfigError
 from aqn.modules import layer_index
 from aqn.noise.schedule import EXPONENTS, PRESETS, EpochSchedule, SigmaSchedule
@@ -166,15 +164,25 @@ def read_multipliers(path: str, default: float) -> tuple[float, ...]:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"cannot read the multipliers file {path}: {e.strerror}", key) from None
-    try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid JSON / YAML: {e}", key) from None
+    from aqn.config.loader import load_yaml_strict  # aqn.config imports this module
+
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_keys(path, key))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON / YAML: {e}", key) from None
+    else:
+        try:
+            data = load_yaml_strict(text, path)
+        except ConfigError as e:
+            raise ConfigError(e.message, key) from None
     if isinstance(data, dict) and "layer_multipliers" in data:
         data = data["layer_multipliers"]
     try:
         if isinstance(data, dict):
             by_layer = {int(k): float(v) for k, v in data.items()}
+            if len(by_layer) < len(data):  # 0 and "0": one layer given twice
+                raise ValueError(f"a layer given twice (keys {list(data)})")
             if any(i < 0 for i in by_layer):
                 raise ValueError("a negative layer index")
             values = multipliers_by_layer(by_layer, default)
@@ -186,6 +194,19 @@ def read_multipliers(path: str, default: float) -> tuple[float, ...]:
         raise ConfigError(f"{path}: expected a list of multipliers or a map {{layer: "
                           f"multiplier}}, found {e}", key) from None
     return tuple(values)
+
+
+def _unique_keys(path: str, key: str):
+    """A json ``object_pairs_hook`` that refuses a key given twice in one object (json keeps
+    the last one silently)."""
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                raise ConfigError(f"{path}: duplicate key {k!r} in a JSON object", key)
+            out[k] = v
+        return out
+    return hook
 
 
 def multipliers_by_layer(by_layer: dict[int, float], default: float) -> tuple[float, ...]:
