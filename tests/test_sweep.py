@@ -69,10 +69,13 @@ def test_sweep_resumes_a_killed_run_and_survives_a_failed_one(tmp_path, monkeypa
 
 def test_bad_sweep_files(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("name: x\nseeds: []\n")
+    f.write_text("name: x\nseeds: [1]\n")  # a silent default base would run another model
+    with pytest.raises(ConfigError, match=f"'base': {f}: a sweep file must name its base"):
+        load_sweep(f)
+    f.write_text("name: x\nbase: smoke\nseeds: []\n")
     with pytest.raises(ConfigError, match="'seeds': must list at least one seed"):
         load_sweep(f)
-    f.write_text("name: x\nvariants:\n  a: [trainer.sed=1]\n")
+    f.write_text("name: x\nbase: smoke\nvariants:\n  a: [trainer.sed=1]\n")
     with pytest.raises(ConfigError, match="did you mean 'seed'"):
         run_sweep(load_sweep(f))
     with pytest.raises(ConfigError, match="presets: "):
@@ -169,10 +172,10 @@ def test_a_killed_worker_fails_its_run_and_the_sweep_goes_on(tmp_path, monkeypat
 
     original = trainer_module.train
 
-    def oom_killed(cfg):  # the kernel's OOM killer takes the worker mid-run
+    def oom_killed(cfg, lock=None):  # the kernel's OOM killer takes the worker mid-run
         if cfg.trainer.noise_injection.enabled:
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(cfg)
+        return original(cfg, lock)
 
     monkeypatch.setattr(trainer_module, "train", oom_killed)  # inherited by forked workers
     spec = quick(tmp_path, seeds=(1, 2))

@@ -7,11 +7,19 @@ import dataclasses
 import functools
 import json
 import logging
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aqn.errors import ConfigError, ModelUnavailableError, NoTargetsError, TrainingError
+from aqn.errors import (
+    ConfigError,
+    Interrupted,
+    ModelUnavailableError,
+    NoTargetsError,
+    TrainingError,
+)
 from aqn.firing import NotFiredError
 
 
@@ -152,11 +160,22 @@ def cmd_noise_check(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from aqn.config import load_config
+    from aqn.rl.checkpoint import checkpoint_steps
     from aqn.rl.run_dir import run_dir_of
     from aqn.rl.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    final = train(cfg)
+    try:
+        final = train(cfg)
+    except Interrupted as e:
+        if checkpoint_steps(run_dir_of(cfg)):
+            again = [a for a in args.overrides if not a.startswith("trainer.resume=")]
+            e.hint = "resume with: " + shlex.join(
+                ["aqn", "train", args.config, *again, "trainer.resume=true"])
+        else:
+            e.hint = (f"no checkpoint was written, nothing to resume: delete {run_dir_of(cfg)} "
+                      "and start again")
+        raise
     print(json.dumps({k: v for k, v in final.items() if k.startswith(("val-core/", "aqn/sigma",
                                                                        "critic/score/mean"))},
                      indent=1))
@@ -285,20 +304,29 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         spec = at_scale(spec, args.scale)
     if args.seeds:
         spec = dataclasses.replace(spec, seeds=tuple(args.seeds))
-    if args.mde is not None:
-        spec, results = run_sweep_to_power(spec, args.mde, args.max_seeds, jobs=args.jobs)
-    else:
-        results = run_sweep(spec, jobs=args.jobs)
+    try:
+        if args.mde is not None:
+            spec, results = run_sweep_to_power(spec, args.mde, args.max_seeds, jobs=args.jobs)
+        else:
+            results = run_sweep(spec, jobs=args.jobs)
+    except Interrupted as e:
+        e.hint = "resume with the same command: " + shlex.join(["aqn", *args.argv])
+        raise
     print(_table(["run", "status"], sorted(results.items())))
     out = out_dir_of(spec)
     print(f"sweep directory: {out}")
     if args.report:
         _print_report([out], out / "report", None,
                       TARGET_MDE_POINTS if args.mde is None else args.mde)
+    # the report is still written; the exit status says not all is well
     failed = sorted(k for k, v in results.items() if v == "failed")
-    if failed:  # the report is still written; the exit status says not all is well
-        raise TrainingError(f"{len(failed)} of {len(results)} runs failed: "
-                            f"{', '.join(failed)} (error.log in each run directory)")
+    held = sorted(k for k, v in results.items() if v == "held")
+    if failed or held:
+        raise TrainingError("; ".join(
+            [f"{len(failed)} of {len(results)} runs failed: {', '.join(failed)} (error.log "
+             "in each run directory)"] * bool(failed)
+            + [f"{len(held)} of {len(results)} runs are held by another aqn process and were "
+               f"left alone: {', '.join(held)}"] * bool(held)))
 
 
 def _print_report(paths, out_dir, baseline, target_mde: float) -> None:
@@ -422,18 +450,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     # about the run.
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, no traceback
+        signum = getattr(e, "signum", signal.SIGINT)
+        where, hint = getattr(e, "where", ""), getattr(e, "hint", "")
+        print(f"aqn {args.command}: interrupted by {signal.Signals(signum).name}"
+              + f" {where}" * bool(where) + f"; {hint}" * bool(hint), file=sys.stderr)
+        return 128 + signum
     # one line naming the key or file at fault; OSError covers a full disk, permissions and
     # aqn.files.FileError (torn or garbage files, named)
     except (ConfigError, NoTargetsError, NotFiredError, TrainingError, ModelUnavailableError,
             ValueError, OSError) as e:
         print(f"aqn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,18 @@ class TrainingError(RuntimeError):
 
 class ModelUnavailableError(RuntimeError):
     """A named model cannot be loaded here; the message says how to get it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached a command: it ends, every run it held stays resumable.
+
+    A KeyboardInterrupt, so that code which lets Ctrl-C through lets SIGTERM through too.
+    ``where`` says how far the work got ("at step 12/50 (last checkpoint step 10)") and
+    ``hint`` how to go on, filled in as it rises.
+    """
+
+    def __init__(self, signum: int, where: str = "", hint: str = "") -> None:
+        self.signum = signum
+        self.where = where
+        self.hint = hint
+        super().__init__(signum, where)

@@ -40,14 +40,17 @@ worker is killed) is recorded with its error and the others go on.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -58,12 +61,12 @@ import torch
 
 from aqn.config import AQNConfig, load_config
 from aqn.config.loader import build, read_yaml
-from aqn.errors import ConfigError
+from aqn.errors import ConfigError, Interrupted
 from aqn.experiments.runs import dose_label
 from aqn.experiments.stats import seeds_needed
 from aqn.files import write_atomic
 from aqn.rl.checkpoint import checkpoint_steps
-from aqn.rl.run_dir import config_changes
+from aqn.rl.run_dir import LOCK_FILE, LockHeld, RunLock, config_changes
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -155,6 +158,9 @@ def load_sweep(source: str | Path) -> SweepSpec:
             raise ConfigError(f"no sweep file {source!r} and no sweep preset of that name; "
                               f"presets: {', '.join(sweep_presets())}")
     data = read_yaml(path)
+    if "base" not in data:  # a silent default would run another model than the user meant
+        raise ConfigError(f"{path}: a sweep file must name its base config (a preset such as "
+                          "tiny, or a YAML path)", "base")
     variants = data.pop("variants", None)
     scales = data.pop("scales", None) or {}
     doses = _dose_families(data.pop("doses", None) or {})
@@ -244,34 +250,75 @@ def run_status(run_dir: Path) -> str | None:
 
 
 def run_one(spec: SweepSpec, run: RunKey, threads: int | None = None) -> str:
-    """Run (or resume, or skip) one run; returns its final status."""
+    """Run (or resume, or skip) one run; returns its final status ("held" when another
+    process holds the run: it is left alone).
+
+    Every decision about the run (skip, start afresh, resume) and every write to its
+    ``run.json`` is made under the run's lock, which the training then keeps: nothing here
+    touches a run that another process is writing.
+    """
     from aqn.rl.trainer import train
 
     if threads:
         torch.set_num_threads(threads)
     run_dir = out_dir_of(spec) / run.name
-    if run_status(run_dir) == "done":
-        return "skipped"
-    if _failed_without_progress(run_dir):
-        shutil.rmtree(run_dir)  # nothing to resume: start fresh (its config may be fixed)
-    resume = (run_dir / "config.yaml").exists()
     try:
-        cfg = run_config(spec, run, resume)
-        _write_status(run_dir, run, "running")
-        train(cfg)
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # one failed run must not stop the sweep
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        _write_status(run_dir, run, "failed", f"{type(e).__name__}: {e}")
-        log.error("%s failed: %s", run.name, e)
-        return "failed"
-    _write_status(run_dir, run, "done")
-    return "done"
+        lock = RunLock(run_dir)
+    except LockHeld as e:
+        log.warning("%s is held by another aqn process (pid %s): left alone", run.name,
+                    e.holder)
+        return "held"
+    try:
+        if run_status(run_dir) == "done":
+            return "skipped"
+        if not checkpoint_steps(run_dir):
+            # nothing to resume (failed or killed before its first checkpoint): start afresh,
+            # with the config the sweep gives now; the lock file stays, held
+            _clear_run(run_dir)
+        resume = (run_dir / "config.yaml").exists()
+        try:
+            cfg = run_config(spec, run, resume)
+            _write_status(run_dir, run, "running")
+            train(cfg, lock)
+        except KeyboardInterrupt:
+            raise  # the run stays "running", resumable from its last checkpoint
+        except Exception as e:  # one failed run must not stop the sweep
+            write_atomic(run_dir / "error.log", traceback.format_exc())
+            _write_status(run_dir, run, "failed", f"{type(e).__name__}: {e}")
+            log.error("%s failed: %s", run.name, e)
+            return "failed"
+        _write_status(run_dir, run, "done")
+        return "done"
+    finally:
+        lock.release()
 
 
-def _failed_without_progress(run_dir: Path) -> bool:
-    return run_status(run_dir) == "failed" and not checkpoint_steps(run_dir)
+def _clear_run(run_dir: Path) -> None:
+    for path in run_dir.iterdir():
+        if path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _mark_worker_died(run_dir: Path, run: RunKey) -> bool:
+    """Record a run whose worker process died as failed, if it was running and no one holds
+    it now (the dead worker's lock went with it); True when recorded."""
+    try:
+        lock = RunLock(run_dir)
+    except LockHeld:
+        return False
+    try:
+        if run_status(run_dir) != "running":
+            return False
+        _write_status(run_dir, run, "failed", "its worker process died (killed, out of "
+                      "memory, or stopped with a sibling worker that died)")
+        return True
+    finally:
+        lock.release()
+
+
+def _nothing_to_resume(run_dir: Path) -> bool:
+    """A stored run the sweep will start afresh (not done, no checkpoint)."""
+    return run_status(run_dir) != "done" and not checkpoint_steps(run_dir)
 
 
 def _check_stored_runs(spec: SweepSpec, runs: list[RunKey]) -> None:
@@ -280,7 +327,7 @@ def _check_stored_runs(spec: SweepSpec, runs: list[RunKey]) -> None:
     stale = []
     for run in runs:
         run_dir = out_dir_of(spec) / run.name
-        if (run_dir / "config.yaml").exists() and not _failed_without_progress(run_dir):
+        if (run_dir / "config.yaml").exists() and not _nothing_to_resume(run_dir):
             changed = config_changes(run_dir / "config.yaml", run_config(spec, run, True))
             if changed:
                 stale.append(f"{run_dir.name} ({', '.join(changed)})")
@@ -298,16 +345,38 @@ def _sweep_json(spec: SweepSpec) -> str:
                       indent=1)
 
 
+SWEEP_LOCK = ".sweep.lock"
+
+
 def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
     """Every run of the sweep (``spec.runs()``); ``jobs`` > 1 runs them in parallel
-    processes. Returns run folder name -> status."""
+    processes. Returns run folder name -> status.
+
+    One sweep at a time per sweep directory (a second is refused up front, naming the
+    first's pid). Ctrl-C or SIGTERM stops it and its workers within seconds, as
+    ``Interrupted``; every run stays resumable by running the sweep again.
+    """
     runs = spec.runs()
     for run in runs:  # every config is checked before the first run starts
         run_config(spec, run, resume=False)
-    _check_stored_runs(spec, runs)
     out = out_dir_of(spec)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "sweep.json", _sweep_json(spec))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out, SWEEP_LOCK)
+    except LockHeld as e:
+        raise ConfigError(f"sweep directory {out} is in use by another aqn sweep (pid "
+                          f"{e.holder}); wait for it to finish, or give this sweep another "
+                          "out_dir", "out_dir") from None
+    try:
+        _check_stored_runs(spec, runs)
+        write_atomic(out / "sweep.json", _sweep_json(spec))
+        return _run_all(spec, runs, jobs)
+    finally:
+        lock.release()
+
+
+def _run_all(spec: SweepSpec, runs: list[RunKey], jobs: int) -> dict[str, str]:
+    out = out_dir_of(spec)
     results: dict[str, str] = {}
     start = time.perf_counter()
 
@@ -317,32 +386,77 @@ def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
     print(f"sweep {spec.name}: {len(runs)} runs into {out}", file=sys.stderr, flush=True)
-    if jobs <= 1:
-        for run in runs:
-            done(run, run_one(spec, run))
-        return {run.name: results[run.name] for run in runs}
+    try:
+        if jobs <= 1:
+            for run in runs:
+                done(run, run_one(spec, run))
+        else:
+            _run_parallel(spec, runs, jobs, done, results)
+    except KeyboardInterrupt as e:
+        where = f"{len(results)} of {len(runs)} runs finished"
+        if getattr(e, "where", ""):
+            where += f"; the run in progress stopped {e.where}"
+        raise Interrupted(getattr(e, "signum", signal.SIGINT), where) from None
+    return {run.name: results[run.name] for run in runs}
+
+
+def _run_parallel(spec: SweepSpec, runs: list[RunKey], jobs: int,
+                  done: Callable[[RunKey, str], None], results: dict[str, str]) -> None:
+    out = out_dir_of(spec)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     todo = list(runs)
     while todo:  # a worker killed from outside breaks the pool: mark its runs, go on
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(run_one, spec, run, threads): run for run in todo}
-            todo, before = [], len(results)
-            for future in as_completed(futures):
-                run = futures[future]
-                try:
-                    done(run, future.result())
-                except BrokenProcessPool:
-                    if run_status(out / run.name) == "running":
-                        _write_status(out / run.name, run, "failed",
-                                      "its worker process died (killed, out of memory, or "
-                                      "stopped with a sibling worker that died)")
-                        done(run, "failed")
-                    else:
-                        todo.append(run)  # not started, or finished unseen: run again
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
+            try:
+                futures = {pool.submit(run_one, spec, run, threads): run for run in todo}
+                todo, before = [], len(results)
+                for future in as_completed(futures):
+                    run = futures[future]
+                    try:
+                        done(run, future.result())
+                    except BrokenProcessPool:
+                        if _mark_worker_died(out / run.name, run):
+                            done(run, "failed")
+                        else:
+                            todo.append(run)  # not started, or finished unseen: run again
+            except BaseException:
+                _stop_workers(pool)
+                raise
         if todo and len(results) == before:
             raise RuntimeError(f"sweep {spec.name}: the worker processes keep dying before a "
                                "run starts (see the log above)")
-    return {run.name: results[run.name] for run in runs}
+
+
+def _worker_init(sweep_pid: int) -> None:
+    """A worker lives and dies with its sweep. Ctrl-C reaches the whole process group, but
+    only the sweep acts on it (it stops its workers); SIGTERM ends a worker at once (its
+    run resumes from its last checkpoint); and the kernel sends it SIGTERM when the sweep's
+    process dies, however it dies (``kill -9`` included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != sweep_pid:  # the sweep died before the line above
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 10.0) -> None:
+    """End every worker of ``pool`` (SIGTERM, then SIGKILL after ``grace_s``) and wait for
+    them: an interrupted sweep leaves nothing running."""
+    workers = list((pool._processes or {}).values())  # noqa: SLF001 (no public handle)
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + grace_s
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- seeds for power

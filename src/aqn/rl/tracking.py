@@ -22,9 +22,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop rows logged after ``last_step`` (a resumed run re-creates them)."""
-    rows = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
-    write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    """Drop rows logged after ``last_step`` (a resumed run re-creates them), and a torn last
+    line: a row whose writer was killed mid-append (or hit a full disk) is the newest, so it
+    always postdates the checkpoint being resumed."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    tail = path.read_bytes().rsplit(b"\n", 1)[-1]
+    if tail.strip():
+        try:
+            json.loads(tail)
+        except ValueError:
+            log.warning("%s: dropping its torn last line (%d bytes, written when the run was "
+                        "cut off)", path, len(tail))
+    rows = [r for r in load_jsonl(path, allow_empty=True, torn_tail_ok=True)
+            if r["step"] <= last_step]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _plain(value: float) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from aqn import metric_keys as keys
 from aqn.config import AQNConfig, config_hash, config_to_dict
 from aqn.config.schema import ValKwargs
 from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
-from aqn.errors import ConfigError, TrainingError
+from aqn.errors import ConfigError, Interrupted, TrainingError
 from aqn.files import FileError, write_atomic
 from aqn.hashing import derive_seed
 from aqn.perturb import check_aqn_plan, describe_plan
@@ -36,7 +37,14 @@ from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
 from aqn.rl.builder import build_engine, build_optimizer, build_policy, resolve_device
 from aqn.rl.checkpoint import save_checkpoint
-from aqn.rl.run_dir import prepare_run_dir, resume, run_dir_of, write_machine_info
+from aqn.rl.run_dir import (
+    RunLock,
+    discard_new_run,
+    prepare_run_dir,
+    resume,
+    run_dir_of,
+    write_machine_info,
+)
 from aqn.rl.tracking import Tracker
 from aqn.rollout.base import RolloutBatch, SamplingParams
 from aqn.rollout.forward import TokenLogProbs, response_logprobs
@@ -91,12 +99,25 @@ class PromptSampler:
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: AQNConfig) -> None:
+    def __init__(self, cfg: AQNConfig, lock: RunLock | None = None) -> None:
+        """``lock``: the run directory's, when the caller holds it already (a sweep); it stays
+        the caller's to release."""
         self.cfg = cfg
         self.hash = config_hash(cfg)
-        t, d = cfg.trainer, cfg.data
-        self.run_dir, self.lock = prepare_run_dir(cfg)  # held until fit() ends
+        self.owns_lock = lock is None
+        self.run_dir, self.lock = prepare_run_dir(cfg, lock)  # held until fit() ends
         log.info("config %s -> %s", self.hash, self.run_dir)
+        try:
+            self._build(cfg)
+        except BaseException:
+            if self.owns_lock and not cfg.trainer.resume:
+                discard_new_run(self.run_dir, self.lock)  # a retry must not find it
+            elif self.owns_lock:
+                self.lock.release()  # the corrected retry finds the directory free
+            raise
+
+    def _build(self, cfg: AQNConfig) -> None:
+        t, d = cfg.trainer, cfg.data
         torch.manual_seed(t.seed)
 
         # Data first: a bad dataset fails before any model is loaded.
@@ -389,6 +410,24 @@ class GRPOTrainer:
         return self.cfg.trainer.progress_bar and sys.stderr.isatty()
 
     def fit(self) -> dict[str, float]:
+        """Train to ``trainer.total_training_steps``; returns the last metrics. Ctrl-C or
+        SIGTERM ends it as ``Interrupted``, saying the step reached and the last checkpoint."""
+        self.steps_done = self.start_step
+        self.last_checkpoint = self.start_step or None
+        try:
+            return self._loop()
+        except KeyboardInterrupt as e:
+            saved = (f"last checkpoint step {self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint yet")
+            where = (f"at step {self.steps_done}/{self.cfg.trainer.total_training_steps} "
+                     f"({saved})")
+            raise Interrupted(getattr(e, "signum", signal.SIGINT), where) from None
+        finally:
+            self.tracker.close()
+            if self.owns_lock:
+                self.lock.release()
+
+    def _loop(self) -> dict[str, float]:
         t = self.cfg.trainer
         last: dict[str, float] = {}
         if self.start_step == 0 and t.val_before_train:
@@ -412,6 +451,7 @@ class GRPOTrainer:
                     metrics.update(self.validate(done))
                 metrics.update(timer.timings)
             self.tracker.log(done, metrics)
+            self.steps_done = done
             if final or (t.save_freq > 0 and done % t.save_freq == 0):
                 try:
                     save_checkpoint(self.run_dir, done, self.policy, self.optimizer,
@@ -420,6 +460,7 @@ class GRPOTrainer:
                     raise FileError(f"{e}; checkpoint {done} was not written, the earlier "
                                     "ones are intact: make room, then trainer.resume=true"
                                     ) from e
+                self.last_checkpoint = done
             last = metrics | {k: v for k, v in last.items() if k not in metrics}
             progress = {"reward": f"{metrics[keys.SCORE_MEAN]:.3f}",
                         "acc": f"{metrics[keys.SAMPLED_ACC]:.3f}",
@@ -432,8 +473,6 @@ class GRPOTrainer:
                       + " ".join(f"{k} {v}" for k, v in progress.items())
                       + f" time {metrics[keys.timing('step')]:.1f}s", file=sys.stderr,
                       flush=True)
-        self.tracker.close()
-        self.lock.release()
         return last
 
 
@@ -445,6 +484,7 @@ def _micro_weight(mode: str, micro_mask: Tensor, mini_mask: Tensor) -> float:
     return micro_mask.shape[0] / mini_mask.shape[0]  # the seq-mean modes
 
 
-def train(cfg: AQNConfig) -> dict[str, float]:
-    """Run (or resume) the GRPO training described by ``cfg``; returns the last metrics."""
-    return GRPOTrainer(cfg).fit()
+def train(cfg: AQNConfig, lock: RunLock | None = None) -> dict[str, float]:
+    """Run (or resume) the GRPO training described by ``cfg``; returns the last metrics.
+    ``lock``: the run directory's, when the caller holds it (see ``GRPOTrainer``)."""
+    return GRPOTrainer(cfg, lock).fit()
