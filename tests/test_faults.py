@@ -19,7 +19,6 @@ from aqn.config import ConfigError, load_config
 from aqn.experiments.sweep import (
     SWEEP_LOCK,
     RunKey,
-    SweepSpec,
     load_sweep,
     out_dir_of,
     run_config,
@@ -240,7 +239,7 @@ def test_sigterm_to_a_parallel_sweep_leaves_no_worker_running(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
     line = err.strip().splitlines()[-1]
-    assert line == ("aqn sweep: interrupted by SIGTERM 0 of 2 runs finished; resume with the "
+    assert line == ("aqn sweep: interrupted by SIGTERM with 0 of 2 runs finished; resume with the "
                     f"same command: aqn sweep {f} --jobs 2")
     wait_for(lambda: not any(alive(w) for w in workers), timeout=10, what="the workers to end")
     spec = load_sweep(f)

@@ -393,7 +393,7 @@ def _run_all(spec: SweepSpec, runs: list[RunKey], jobs: int) -> dict[str, str]:
         else:
             _run_parallel(spec, runs, jobs, done, results)
     except KeyboardInterrupt as e:
-        where = f"{len(results)} of {len(runs)} runs finished"
+        where = f"with {len(results)} of {len(runs)} runs finished"
         if getattr(e, "where", ""):
             where += f"; the run in progress stopped {e.where}"
         raise Interrupted(getattr(e, "signum", signal.SIGINT), where) from None
