@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from aqn.cli import main
 
 
@@ -51,3 +53,43 @@ def test_evaluate_pass_k(tmp_path, capsys):
     rows = (tmp_path / "smoke" / "val" / "sampled@3_step_0.jsonl").read_text().splitlines()
     assert len(rows) == 3 * 8  # the smoke preset validates on 8 problems
     assert main([*args[:-1], "0"]) == 2 and "--pass-k must be >= 1" in capsys.readouterr().err
+
+
+def test_top_level_help_imports_no_torch_and_is_plain_text():
+    # `aqn --help` must not pay torch's import (seconds) to list other commands' choices
+    import subprocess
+    import sys
+
+    code = ("import sys; from aqn.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().endswith("False")
+    assert "``" not in out and "aqn sweep --preset demo" in out
+
+
+def test_overrides_may_follow_a_commands_flags():
+    from aqn.cli import parse_args
+
+    args = parse_args(["evaluate", "tiny", "--pass-k", "8", "trainer.seed=2"])
+    assert (args.config, args.pass_k, args.overrides) == ("tiny", 8, ["trainer.seed=2"])
+    args = parse_args(["evaluate", "tiny", "a.b=1", "--pass-k", "4", "c.d=2"])
+    assert (args.pass_k, args.overrides) == (4, ["a.b=1", "c.d=2"])
+    with pytest.raises(SystemExit):  # anything else left over is still an error
+        parse_args(["evaluate", "tiny", "--pass-k", "8", "--bogus"])
+    with pytest.raises(SystemExit):  # a command without overrides takes none
+        parse_args(["report", "runs", "--mde", "2", "a.b=1"])
+
+
+def test_progress_in_a_redirected_log_is_plain_lines(capsys):
+    from aqn.progress import Progress
+
+    bar = Progress(range(20), "work", lines=4)  # stderr is captured: not a terminal
+    for i in bar:
+        bar.set_postfix(loss=f"{i:.1f}")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(" (")[0] for line in err.splitlines()] == [
+        "work: 5/20 loss 4.0", "work: 10/20 loss 9.0", "work: 15/20 loss 14.0",
+        "work: 20/20 loss 19.0"]

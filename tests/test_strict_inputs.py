@@ -8,10 +8,10 @@ import pytest
 
 from aqn.cli import main
 from aqn.config import load_config
-from aqn.config.loader import load_yaml_strict, read_yaml
-from aqn.config.schema import is_local_model_path, missing_model_path
+from aqn.config.loader import read_yaml
 from aqn.errors import ConfigError
 from aqn.experiments.sweep import load_sweep
+from aqn.files import is_local_model_path, load_yaml_strict, missing_model_path
 from aqn.noise.config import read_multipliers
 
 MISSING = "does not exist (a local path; a hub id looks like org/name)"

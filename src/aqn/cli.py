@@ -10,7 +10,7 @@ import logging
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aqn.errors import (
@@ -18,9 +18,18 @@ from aqn.errors import (
     Interrupted,
     ModelUnavailableError,
     NoTargetsError,
+    NotFiredError,
     TrainingError,
 )
-from aqn.firing import NotFiredError
+
+DESCRIPTION = """\
+GRPO post-training with Adaptive Quantization Noise, and the experiments that test it.
+
+  aqn train tiny trainer.noise_injection.enabled=true    a run (dotted overrides)
+  aqn sweep --preset demo --jobs 2 --report               variants x seeds, with a report
+  aqn report runs/sweeps/demo                             tables, significance, plots
+
+Flags and dotted overrides may come in any order; 'aqn COMMAND --help' lists a command's."""
 
 
 @functools.cache
@@ -342,25 +351,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     _print_report([Path(p) for p in args.paths], out, args.baseline, args.mde)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from aqn.experiments.sweep import sweep_presets
-
-    parser = argparse.ArgumentParser(prog="aqn", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("schedule", help="print the AQN sigma schedule, stage by stage")
+def _args_schedule(p: argparse.ArgumentParser) -> None:
     _add_schedule_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_schedule)
 
-    p = sub.add_parser("inspect", help="list the modules AQN would perturb in a model")
+
+def _args_inspect(p: argparse.ArgumentParser) -> None:
     _add_selection_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("noise-check",
-                       help="per stage: sigma, effective std after the cast, elements changed")
+
+def _args_noise_check(p: argparse.ArgumentParser) -> None:
     _add_selection_args(p)
     _add_schedule_args(p)
     p.add_argument("--distribution", choices=_choices()["distribution"], default="gaussian")
@@ -369,15 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_noise_check)
-    p = sub.add_parser("numerics", help="mismatch a simulated hardware numerics profile "
-                       "causes against reference, compared with published GPU/NPU figures")
+
+
+def _args_numerics(p: argparse.ArgumentParser) -> None:
     _add_probe_args(p)
     p.add_argument("--profile", default="npu-like", choices=_choices()["profile"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_numerics)
-    p = sub.add_parser("quant", help="fake weight quantization error per format (and, with "
-                       "--mismatch, the rollout mismatch it causes)")
+
+
+def _args_quant(p: argparse.ArgumentParser) -> None:
     _add_probe_args(p)
     p.add_argument("--format", default="all",
                    choices=["all", *_choices()["format"]])
@@ -385,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mismatch", action="store_true",
                    help="also measure |dlogp| of a quantized engine vs the clean model")
     p.set_defaults(func=cmd_quant)
-    p = sub.add_parser("scan", help="per-layer sensitivity to a format or profile (SQNR, "
-                       "relative error, deadzone, saturation), a plot and a multipliers file")
+
+
+def _args_scan(p: argparse.ArgumentParser) -> None:
     _add_probe_args(p)
     p.add_argument("--format", choices=_choices()["format"])
     p.add_argument("--profile", choices=_choices()["profile"])
@@ -395,27 +401,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default runs/scan/<model>-<format>)")
     p.set_defaults(func=cmd_scan)
-    p = sub.add_parser("pretrain-tiny",
-                       help="make (or find in the cache) the tiny-base model for RL")
+
+
+def _args_pretrain_tiny(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="train again even if cached")
     p.set_defaults(func=cmd_pretrain_tiny)
 
-    p = sub.add_parser("train", help="GRPO training (AQN on with "
-                       "trainer.noise_injection.enabled=true)")
+
+def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default="tiny",
                    help="a YAML file or a preset (smoke, tiny, smollm2-arith, smollm2-gsm8k, "
                    "seed-qwen2.5-1.5b-gsm8k; default: tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.seed=2")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("evaluate", help="validation only: greedy accuracy of the config's "
-                       "model on its validation split (no training)")
+
+
+def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML file or a preset")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     p.add_argument("--pass-k", type=int, metavar="K",
                    help="also sample K completions per prompt at the rollout temperature: "
                    "pass@K, mean@K and the fraction of groups with zero advantage")
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("sweep", help="run every (variant, seed) pair of a sweep file")
+
+
+def _args_sweep(p: argparse.ArgumentParser) -> None:
+    from aqn.experiments.sweep import sweep_presets
+
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
     p.add_argument("--preset", help="a shipped sweep: " + ", ".join(sweep_presets()))
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
@@ -431,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the seed budget of --mde (default 10)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="tables, significance and plots from run directories")
+
+def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="run or sweep directories, verl file-logger "
                    ".jsonl files, TRL output dirs (trainer_state.json); a foreign log may be "
                    "labelled variant[/seedN]=path")
@@ -441,7 +454,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the effect a comparison must be able to detect (80 %% power) before "
                    "'not significant' reads 'no effect larger than its MDE' (default 2.5)")
     p.set_defaults(func=cmd_report)
+
+
+# name -> (help, the function that adds its arguments and sets its ``func``)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "schedule": ("print the AQN sigma schedule, stage by stage", _args_schedule),
+    "inspect": ("list the modules AQN would perturb in a model", _args_inspect),
+    "noise-check": ("per stage: sigma, effective std after the cast, elements changed",
+                    _args_noise_check),
+    "numerics": ("mismatch a simulated hardware numerics profile causes against reference, "
+                 "compared with published GPU/NPU figures", _args_numerics),
+    "quant": ("fake weight quantization error per format (and, with --mismatch, the rollout "
+              "mismatch it causes)", _args_quant),
+    "scan": ("per-layer sensitivity to a format or profile (SQNR, relative error, deadzone, "
+             "saturation), a plot and a multipliers file", _args_scan),
+    "pretrain-tiny": ("make (or find in the cache) the tiny-base model for RL",
+                      _args_pretrain_tiny),
+    "train": ("GRPO training (AQN on with trainer.noise_injection.enabled=true)", _args_train),
+    "evaluate": ("validation only: greedy accuracy of the config's model on its validation "
+                 "split (no training)", _args_evaluate),
+    "sweep": ("run every (variant, seed) pair of a sweep file", _args_sweep),
+    "report": ("tables, significance and plots from run directories", _args_report),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``aqn`` parser. ``command``: only that sub-command gets its arguments, so that
+    ``aqn --help`` and ``aqn report ...`` import no torch to list the others' choices ("": none
+    of them); None: every sub-command's."""
+    parser = argparse.ArgumentParser(prog="aqn", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if command is None or command == name:
+            add_arguments(p)
     return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; dotted overrides may follow a command's flags as well as precede them
+    (``aqn evaluate tiny --pass-k 8 trainer.seed=2``)."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in COMMANDS else "")
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    if rest != overrides or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    args.argv = argv
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -451,8 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     previous = signal.signal(signal.SIGTERM, _terminate)

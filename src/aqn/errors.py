@@ -19,6 +19,11 @@ class NoTargetsError(RuntimeError):
     """AQN selection matched no module: the noise would silently do nothing."""
 
 
+class NotFiredError(RuntimeError):
+    """A perturbation that should have acted in a step touched nothing (or not what the plan
+    said): the run would report a perturbation that did not happen (see aqn.firing)."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or reward); the last checkpoint is intact."""
 

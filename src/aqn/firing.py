@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from aqn.errors import NotFiredError
 
-class NotFiredError(RuntimeError):
-    """A perturbation that should have acted in a step touched nothing (or not what the plan
-    said): the run would report a perturbation that did not happen."""
+__all__ = ["Firing", "NotFiredError"]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from aqn.errors import ConfigError
+from aqn.files import load_yaml_strict
 
 T = TypeVar("T")
 
@@ -124,53 +125,6 @@ def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as e:
         raise (e.under(prefix) if prefix else e) from None
-
-
-def _at(source: str | Path | None, line: int) -> str:
-    return f"{source}:{line}" if source is not None else f"line {line}"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (PyYAML
-    keeps the last one silently: a sweep's second ``a:`` variant would replace the first)."""
-
-    source: str | Path | None = None
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # `<<: *base`: the keys written beside it override it, by design
-                key = self.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                try:
-                    if key in seen:
-                        raise ConfigError(f"{_at(self.source, line)}: duplicate key {key!r} "
-                                          f"(first at line {seen[key]})")
-                    seen[key] = line
-                except TypeError:
-                    continue  # an unhashable key: SafeLoader's own error names it
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml_strict(text: str, source: str | Path | None = None) -> Any:
-    """``text`` parsed as YAML (safe tags only), refusing a key given twice in one mapping.
-
-    Every failure is a ConfigError starting ``<source>:<line>:`` (``line <n>:`` without a
-    source): ``duplicate key 'x' (first at line N)`` or ``invalid YAML: <problem>``.
-    """
-    loader = _StrictLoader(text)
-    loader.source = source
-    try:
-        return loader.get_single_data()
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = _at(source, mark.line + 1) if mark else (str(source) if source else "YAML")
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}"
-                          ) from None
-    finally:
-        loader.dispose()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

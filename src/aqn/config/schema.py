@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 from aqn.data import train_size
 from aqn.errors import ConfigError
+from aqn.files import missing_model_path
 from aqn.noise.config import NoiseInjectionConfig
 from aqn.numerics import PROFILES
 from aqn.numerics.op_noise import OpNoiseConfig
@@ -65,24 +64,6 @@ class DataConfig:
                      "max_prompt_length", "max_response_length"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, name)}", name)
-
-
-def is_local_model_path(name: str) -> bool:
-    """Whether a model name is read as a local path rather than a hub id (``org/name``): it
-    starts with '/', '.' or '~', has more than one '/', or is a Windows path (a drive letter
-    or a backslash). A bare name (``tiny``) is neither: a built-in or a folder here."""
-    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-            or re.match(r"[A-Za-z]:", name) is not None)
-
-
-def missing_model_path(name: str) -> str | None:
-    """The error for a model name read as a local path that does not exist (transformers
-    would answer "Repo id must be in the form ..."); None when it exists or is no path.
-    The one place of the rule: ModelConfig checks it when the config is loaded (before a run
-    directory exists), aqn.models.load_model for the commands that take --model."""
-    if is_local_model_path(name) and not Path(name).expanduser().exists():
-        return f"{name} does not exist (a local path; a hub id looks like org/name)"
-    return None
 
 
 @dataclass(frozen=True)

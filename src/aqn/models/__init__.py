@@ -65,8 +65,8 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
         return load_tiny_base(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aqn.config.schema import is_local_model_path, missing_model_path
     from aqn.errors import ConfigError
+    from aqn.files import is_local_model_path, missing_model_path
 
     source = name
     missing = missing_model_path(name)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from aqn.data.arith import LEVELS, make_split, other_format
@@ -32,6 +31,7 @@ from aqn.hashing import config_hash, to_plain
 from aqn.models import build_tiny, hf_progress_bars, parse_dtype
 from aqn.models.cache import cache_root, publish_dir
 from aqn.models.tokenizer import build_char_tokenizer
+from aqn.progress import Progress
 from aqn.rewards.gsm8k import compute_score
 
 # Bump when the training or evaluation code changes, so stale caches are not reused.
@@ -142,7 +142,7 @@ def _train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
     model.train()
     losses: list[float] = []
     order: list[int] = []
-    bar = tqdm(range(settings.steps), desc="tiny-base pretrain", disable=not progress)
+    bar = Progress(range(settings.steps), "tiny-base pretrain", enabled=progress)
     for _ in bar:
         if len(order) < settings.batch_size:  # a fresh shuffle for every epoch
             order += torch.randperm(len(records), generator=order_rng).tolist()

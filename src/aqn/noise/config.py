@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from aqn.errors import ConfigError
+from aqn.files import load_yaml_strict
 from aqn.modules import layer_index
 from aqn.noise.schedule import EXPONENTS, PRESETS, EpochSchedule, SigmaSchedule
 
@@ -164,8 +165,6 @@ def read_multipliers(path: str, default: float) -> tuple[float, ...]:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"cannot read the multipliers file {path}: {e.strerror}", key) from None
-    from aqn.config.loader import load_yaml_strict  # aqn.config imports this module
-
     if path.endswith(".json"):
         try:
             data = json.loads(text, object_pairs_hook=_unique_keys(path, key))

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from aqn.config import AQNConfig, config_to_dict, dump_config
-from aqn.config.loader import load_yaml_strict
 from aqn.errors import ConfigError
-from aqn.files import write_atomic
+from aqn.files import load_yaml_strict, write_atomic
 from aqn.machine import machine_info
 from aqn.rl.checkpoint import checkpoint_steps, load_checkpoint
 from aqn.rl.tracking import METRICS_FILE, truncate_metrics

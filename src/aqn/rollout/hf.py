@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from aqn.perturb import Perturbation
+from aqn.progress import Progress
 from aqn.rollout.base import Perturbations, RolloutBatch, SamplingParams
 from aqn.rollout.forward import TokenLogProbs, cache_kwarg, position_ids, response_logprobs
 from aqn.token_math import log_probs_from_logits
@@ -146,8 +146,8 @@ class HFEngine:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         starts = range(0, len(rows), self.micro_batch_size)
         parts = [self._generate_chunk(rows[i:i + self.micro_batch_size], params, gen)
-                 for i in tqdm(starts, desc=progress, unit="batch", leave=False,
-                               disable=progress is None or len(starts) < 2)]
+                 for i in Progress(starts, progress or "", enabled=progress is not None
+                                   and len(starts) >= 2, lines=0, unit="batch", leave=False)]
         width = max(p[2].shape[1] for p in parts)
         prompt_width = max(p[0].shape[1] for p in parts)
 
