@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 
 import pytest
 import torch
@@ -57,6 +58,11 @@ def test_top_k_then_top_p_renormalises_over_the_kept_tokens():
 
 def test_machine_json_names_the_device_the_run_uses(monkeypatch):
     assert machine_info("float32", "cpu")["device"] == "cpu"
+    # the CPU's model name (speed figures depend on it), not merely its architecture
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), None)
+    if model:
+        assert machine_info("float32", "cpu")["cpu"] == model != platform.machine()
     assert machine_info("float32", torch.device("meta"))["device"] == "meta"  # not ignored
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     info = machine_info("bfloat16", "cuda")
