@@ -215,11 +215,27 @@ def test_presets_validate():
             cfg.actor_rollout_ref.actor.optim.lr) == ("symbols", 8, 8, 1e-4)
 
 
-def test_shipped_presets_validate():
+def gsm8k_folder(root, n_train=520, n_test=20):
+    """A folder of GSM8K-format files (the presets read the hub copy; tests pass a folder)."""
+    root.mkdir()
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1\n#### {i + 1}"}
+                for i in range(n)]
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_shipped_presets_validate(tmp_path):
+    from importlib import resources
+
     from aqn.config import preset_names
 
     assert {"smollm2-gsm8k", "smollm2-arith", "seed-qwen2.5-1.5b-gsm8k"} <= set(preset_names())
-    seed = load_config("seed-qwen2.5-1.5b-gsm8k", ["aqn=qerl"])
+    for name in ("smollm2-gsm8k", "seed-qwen2.5-1.5b-gsm8k"):  # no folder only we have
+        text = (resources.files("aqn.configs") / f"{name}.yaml").read_text()
+        assert "  path: openai/gsm8k" in text and "shared/data" not in text
+    gsm8k = gsm8k_folder(tmp_path / "gsm8k")
+    seed = load_config("seed-qwen2.5-1.5b-gsm8k", ["aqn=qerl", f"data.path={gsm8k}"])
     arr = seed.actor_rollout_ref
     assert arr.model.path == "Qwen/Qwen2.5-1.5B-Instruct" and arr.model.dtype == "bfloat16"
     assert seed.data.source == "gsm8k" and seed.data.prompt_style == "verl"
@@ -229,7 +245,7 @@ def test_shipped_presets_validate():
     assert seed.trainer.test_freq == 20 and seed.trainer.noise_injection.total_steps == 116
     assert seed.trainer.noise_injection.enabled and seed.reward.method == "strict"
     for name in ("smollm2-gsm8k", "smollm2-arith"):
-        cfg = load_config(name, ["aqn=mild"])
+        cfg = load_config(name, ["aqn=mild", *[f"data.path={gsm8k}"] * (name == "smollm2-gsm8k")])
         assert cfg.actor_rollout_ref.model.path == "smollm2-135m-instruct"
         assert cfg.actor_rollout_ref.actor.lora.rank == 16
         assert cfg.trainer.noise_injection.sigma_start == 0.025

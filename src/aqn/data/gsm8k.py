@@ -75,11 +75,11 @@ def _hub_rows(split: str) -> list[dict]:
         import datasets
     except ImportError:
         raise DataError(f"data.path={DATA_SOURCE} loads from the HF hub and needs the datasets "
-                        "package (pip install datasets); or give a directory with the "
-                        "train.jsonl / test.jsonl files") from None
+                        "package (pip install datasets); or pass a local copy: data.path=DIR, "
+                        "a directory with train.jsonl and test.jsonl") from None
     try:
         return list(datasets.load_dataset(DATA_SOURCE, "main", split=split))
     except Exception as e:  # offline, or the hub refused: say what to do instead
         raise DataError(f"cannot load {DATA_SOURCE} from the hub ({type(e).__name__}: {e}); "
-                        "with no network, set data.path to a directory with train.jsonl "
-                        "and test.jsonl") from None
+                        "with no network, pass a local copy: data.path=DIR, a directory with "
+                        "train.jsonl and test.jsonl (GSM8K's own files)") from None
