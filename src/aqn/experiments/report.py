@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aqn import metric_keys as keys
@@ -46,6 +46,7 @@ from aqn.experiments.render import (
 from aqn.experiments.robustness import robustness_section
 from aqn.experiments.runs import RunData, find_runs
 from aqn.experiments.stats import ALPHA, avg, mean_curve
+from aqn.experiments.trust import check_comparisons, check_runs
 from aqn.files import write_atomic
 from aqn.perturb import REGISTRY
 
@@ -217,6 +218,8 @@ class Report:
     learning: LearningResult | None  # did the baseline learn over the base model?
     warnings: list[str]  # AQN enabled but noise zero, swallowed or unmeasured
     paths: list[Path]  # files written
+    # what the checks found (aqn.experiments.trust): runs left out, comparisons flagged
+    checks: list[str] = field(default_factory=list)
 
 
 def _write_plots(groups: dict[str, dict[int, RunData]], out_dir: Path) -> None:
@@ -230,10 +233,12 @@ def _write_plots(groups: dict[str, dict[int, RunData]], out_dir: Path) -> None:
         plot_curves(out_dir / file, title, xlabel, curves, colors)
 
 
-def _runs_section(runs: list[RunData], groups: dict[str, dict[int, RunData]]) -> list[Block]:
+def _runs_section(runs: list[RunData], groups: dict[str, dict[int, RunData]],
+                  left_out: set[int]) -> list[Block]:
     used = {id(r) for g in groups.values() for r in g.values()}
     rows = [
-        [r.name, r.engine, r.status, r.data_source or "n/a",
+        [r.name, r.engine, r.status + (" (left out: see Checks)" if id(r) in left_out else ""),
+         r.data_source or "n/a",
          "n/a" if r.final_step is None else str(r.final_step),
          fmt_pct(r.accuracy.get(r.final_step)), machine_label(r.machine), str(r.path)]
         for r in runs
@@ -243,12 +248,33 @@ def _runs_section(runs: list[RunData], groups: dict[str, dict[int, RunData]]) ->
         Table(["run", "logged by", "status", "data source", "final step", "final acc %",
                 "machine", "path"], rows),
     ]
-    dups = [r for r in runs if r.status != "failed" and id(r) not in used]
+    dups = [r for r in runs if r.status != "failed" and id(r) not in used | left_out]
     if dups:
         blocks.append(Text(
             "Runs with a variant and seed already seen are left out of the accuracy tables "
             "(they still count for speed): " + ", ".join(f"{r.name} ({r.path})" for r in dups)
         ))
+    return blocks
+
+
+def _checks_section(checks: list[str], compared: list[list[str]]) -> list[Block]:
+    blocks: list[Block] = [
+        Heading("Checks"),
+        Text("Before comparing, the report checks each run's files against what the run says "
+             "it wrote (metrics.jsonl steps strictly increasing; each val/step_N.jsonl with as "
+             "many items as the validation set, and the accuracy and reward its items give "
+             "equal to the metrics' for that step), that the seeds pooled into one point "
+             "differ in nothing but the seed (config, and the data in inputs.json), and that "
+             "two compared points of one sweep differ only in the keys the sweep sets apart "
+             "for them (their variant's and dose's overrides). A run that fails is left out of "
+             "every table and test below; a flagged comparison is kept, with its warning."),
+    ]
+    blocks += [Alert(c) for c in checks] or [Text("All checks passed.")]
+    if compared:
+        blocks += [Text("Config keys in which each compared point differs from the point it "
+                        "is compared with (first seed of each; the seed and the run's "
+                        "location left out):"),
+                   Table(["point", "compared with", "config keys that differ"], compared)]
     return blocks
 
 
@@ -503,11 +529,20 @@ def build_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = find_runs(paths)
     ok = [r for r in runs if r.status != "failed"]
-    found = compare_points(ok, baseline)
+    trusted, checks = check_runs(ok)
+    found = compare_points(trusted, baseline)
     groups, base, rows = found.groups, found.baseline, found.rows
+    compared, comparison_checks = check_comparisons(
+        (groups[r.variant], groups[r.against]) for r in rows if r.against)
+    checks += comparison_checks
+    left_out = {id(r) for r in ok} - {id(r) for r in trusted}
     warnings = noise_warnings(runs)
 
     blocks: list[Block] = [Heading("AQN run report", 1)]
+    if checks:
+        blocks.append(Alert(f"{len(left_out)} run(s) left out of the comparisons and "
+                            f"{len(comparison_checks)} comparison(s) flagged by the checks: "
+                            "see Checks."))
     if warnings:
         blocks.append(Alert(f"{len(warnings)} run(s) had AQN enabled but zero, swallowed or "
                                "unmeasured noise: see section 4."))
@@ -523,10 +558,12 @@ def build_report(
         headline = to_markdown([learned, _headline_table(rows)]
                                 + [Text(n) for n in _headline_notes(rows, target_mde)])
     blocks.append(Text(
-        f"{len(runs)} runs ({len(runs) - len(ok)} failed), {len(groups)} variants; "
+        f"{len(runs)} runs ({len(runs) - len(ok)} failed, {len(left_out)} left out by the "
+        f"checks), {len(groups)} variants; "
         f"baseline: {base or 'n/a'}. Accuracies in percent; Δ in points."
     ))
-    blocks += _runs_section(runs, groups)
+    blocks += _runs_section(runs, groups, left_out)
+    blocks += _checks_section(checks, compared)
     if groups:
         # per-step curves of the clean points only when a dose sweep has dozens of groups
         _write_plots(clean if len(clean) < len(groups) else groups, out_dir)
@@ -541,7 +578,7 @@ def build_report(
         blocks += _perturbation_sections(groups)
     else:
         blocks += [Alert(w) for w in warnings]
-    blocks += _speed_section(ok)
+    blocks += _speed_section(trusted)
     blocks += _failed_section(runs)
 
     markdown = to_markdown(blocks)
@@ -549,9 +586,9 @@ def build_report(
     write_atomic(out_dir / "report.md", markdown)
     write_atomic(out_dir / "report.html", page)
     write_atomic(out_dir / "summary.json", json.dumps(
-        summary(rows, groups, learning, target_mde), indent=1) + "\n")
+        summary(rows, groups, learning, target_mde) | {"checks": checks}, indent=1) + "\n")
     written = [out_dir / "report.md", out_dir / "report.html", out_dir / "summary.json"]
     if groups:
         written += [out_dir / file for file in PLOTS]
         written += sorted(out_dir.glob("robustness_*.png"))
-    return Report(markdown, page, headline, rows, base, learning, warnings, written)
+    return Report(markdown, page, headline, rows, base, learning, warnings, written, checks)

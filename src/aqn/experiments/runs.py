@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from aqn import metric_keys as keys
-from aqn.data.jsonl import load_jsonl
+from aqn.data.jsonl import load_jsonl, load_jsonl_lines
 from aqn.experiments import foreign
+from aqn.rl.inputs import INPUTS_FILE
 
 _VAL_FILE = re.compile(r"step_(\d+)\.jsonl")
 
@@ -53,6 +54,10 @@ class RunData:
     dose: float | str | None = None
     # The final policy validated with no perturbation (val-clean/*), step -> accuracy.
     clean_accuracy: dict[int, float] = field(default_factory=dict)
+    # The line of metrics.jsonl each row of ``metrics`` was read from (aqn runs; [] else).
+    metric_lines: list[int] = field(default_factory=list)
+    # inputs.json: the fingerprints of its data and initial weights; None without one.
+    inputs: dict[str, Any] | None = None
 
     @property
     def point(self) -> str:
@@ -157,10 +162,12 @@ def load_run(path: str | Path) -> RunData:
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise RunLoadError(f"{path / 'config.yaml'}: malformed YAML: {e}") from e
-    metrics = _read_jsonl(path / "metrics.jsonl")
-    for row in metrics:
+    file = path / "metrics.jsonl"
+    lines = load_jsonl_lines(file, allow_empty=True, torn_tail_ok=True) if file.exists() else []
+    metrics = [row for _, row in lines]
+    for lineno, row in lines:
         if "step" not in row:
-            raise RunLoadError(f"{path / 'metrics.jsonl'}: a row has no 'step'")
+            raise RunLoadError(f"{file}:{lineno}: a row has no 'step'")
     val = {}
     if (path / "val").is_dir():
         for f in (path / "val").iterdir():
@@ -168,6 +175,7 @@ def load_run(path: str | Path) -> RunData:
             if m:
                 val[int(m.group(1))] = _read_jsonl(f)
     run_info = _read_json(path / "run.json")
+    inputs = _read_json(path / INPUTS_FILE)
     run = RunData(
         path=path,
         variant=str(run_info.get("variant") or _get(config, "trainer.experiment_name", path.name)),
@@ -181,6 +189,8 @@ def load_run(path: str | Path) -> RunData:
         data_source=None,
         family=run_info.get("family"),
         dose=run_info.get("dose"),
+        metric_lines=[lineno for lineno, _ in lines],
+        inputs=inputs if isinstance(inputs, dict) and inputs else None,  # {}: none
     )
     return _score(run, int(_get(config, "actor_rollout_ref.rollout.val_kwargs.n", 1)))
 

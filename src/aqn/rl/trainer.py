@@ -37,6 +37,7 @@ from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
 from aqn.rl.builder import build_engine, build_optimizer, build_policy, resolve_device
 from aqn.rl.checkpoint import save_checkpoint
+from aqn.rl.inputs import fingerprint_inputs, write_or_check_inputs
 from aqn.rl.run_dir import (
     RunLock,
     discard_new_run,
@@ -150,6 +151,9 @@ class GRPOTrainer:
         self.trainable = self.optimizer.param_groups[0]["params"]
         self.sampler = PromptSampler(len(self.train_records), d.train_batch_size, t.seed,
                                      d.shuffle)
+        # the data and initial weights (before a checkpoint loads): a resume must find them
+        write_or_check_inputs(self.run_dir, fingerprint_inputs(
+            self.train_records, self.val_records, self.policy), t.resume)
         self.start_step = resume(self.run_dir, cfg, self.policy, self.optimizer)
         write_machine_info(self.run_dir, cfg, self.device)
         self.tracker = Tracker(self.run_dir, t.logger, t.project_name, t.experiment_name,
@@ -457,9 +461,10 @@ class GRPOTrainer:
                     save_checkpoint(self.run_dir, done, self.policy, self.optimizer,
                                     {"config_hash": self.hash}, keep=t.max_actor_ckpt_to_keep)
                 except FileError as e:
-                    raise FileError(f"{e}; checkpoint {done} was not written, the earlier "
-                                    "ones are intact: make room, then trainer.resume=true"
-                                    ) from e
+                    then = ("the earlier ones are intact: make room, then trainer.resume=true"
+                            if self.last_checkpoint else "there is no earlier one to resume "
+                            f"from: make room, then delete {self.run_dir} and start again")
+                    raise FileError(f"{e}; checkpoint {done} was not written, {then}") from e
                 self.last_checkpoint = done
             last = metrics | {k: v for k, v in last.items() if k not in metrics}
             progress = {"reward": f"{metrics[keys.SCORE_MEAN]:.3f}",
