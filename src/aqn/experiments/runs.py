@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from aqn import metric_keys as keys
 from aqn.data.jsonl import load_jsonl, load_jsonl_lines
+from aqn.errors import ConfigError
 from aqn.experiments import foreign
+from aqn.files import load_yaml_strict
 from aqn.rl.inputs import INPUTS_FILE
 
 _VAL_FILE = re.compile(r"step_(\d+)\.jsonl")
@@ -159,9 +159,10 @@ def load_run(path: str | Path) -> RunData:
     """Load one run directory (it must hold a config.yaml)."""
     path = Path(path)
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RunLoadError(f"{path / 'config.yaml'}: malformed YAML: {e}") from e
+        file = path / "config.yaml"
+        config = load_yaml_strict(file.read_text(encoding="utf-8"), file) or {}
+    except ConfigError as e:
+        raise RunLoadError(str(e)) from e
     file = path / "metrics.jsonl"
     lines = load_jsonl_lines(file, allow_empty=True, torn_tail_ok=True) if file.exists() else []
     metrics = [row for _, row in lines]
