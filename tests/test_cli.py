@@ -93,3 +93,20 @@ def test_progress_in_a_redirected_log_is_plain_lines(capsys):
     assert [line.split(" (")[0] for line in err.splitlines()] == [
         "work: 5/20 loss 4.0", "work: 10/20 loss 9.0", "work: 15/20 loss 14.0",
         "work: 20/20 loss 19.0"]
+
+
+def test_a_bug_keeps_its_traceback_a_users_mistake_is_one_line(monkeypatch, capsys):
+    import aqn.cli as cli
+
+    def bug(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", (cli.COMMANDS["report"][0],
+                                                 lambda p: p.set_defaults(func=bug)))
+    with pytest.raises(ValueError, match="internal invariant"):  # not swallowed into rc 2
+        main(["report"])
+    assert main(["inspect", "--model", "nosuch"]) == 2  # aqn's own InputError: one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["aqn inspect: error: model 'nosuch' is neither a built-in (tiny, tiny-base, "
+                   "smollm2-135m-instruct), a local directory, nor a hub id of the form "
+                   "owner/name"]

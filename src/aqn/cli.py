@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aqn.errors import (
     ConfigError,
+    InputError,
     Interrupted,
     ModelUnavailableError,
     NoTargetsError,
@@ -528,9 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               + f" {where}" * bool(where) + f"; {hint}" * bool(hint), file=sys.stderr)
         return 128 + signum
     # one line naming the key or file at fault; OSError covers a full disk, permissions and
-    # aqn.files.FileError (torn or garbage files, named)
-    except (ConfigError, NoTargetsError, NotFiredError, TrainingError, ModelUnavailableError,
-            ValueError, OSError) as e:
+    # aqn.files.FileError (torn or garbage files, named). Anything else is a bug: traceback.
+    except (InputError, NoTargetsError, NotFiredError, TrainingError, ModelUnavailableError,
+            OSError) as e:
         print(f"aqn {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,7 +1,13 @@
 """Errors shared by every layer (this module imports nothing from aqn)."""
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Input the user can fix (a config key, a data or run file); the message names the key,
+    file or line. The CLI prints it as one line; any other exception is a bug and keeps its
+    traceback."""
+
+
+class ConfigError(InputError):
     """A config value is wrong. ``key`` is its dotted path, filled in as the error rises."""
 
     def __init__(self, message: str, key: str | None = None) -> None:

@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+from aqn.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """A dataset file is empty or has a malformed or incomplete row."""
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from aqn import metric_keys as keys
 from aqn.data.jsonl import load_jsonl_lines
+from aqn.errors import InputError
 
 VERL = "verl"
 TRL = "trl"
@@ -68,7 +69,7 @@ _SEEDED_NAME = re.compile(r"(?P<variant>.+?)[-_]+seed(?P<seed>\d+)")
 _LABEL = re.compile(r"(?P<variant>[^=/]+)(?:/seed(?P<seed>\d+))?=(?P<path>.+)")
 
 
-class ForeignRunError(ValueError):
+class ForeignRunError(InputError):
     """A verl or TRL log that cannot be read; the message names the file (and line)."""
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from aqn import metric_keys as keys
 from aqn.data.jsonl import load_jsonl, load_jsonl_lines
-from aqn.errors import ConfigError
+from aqn.errors import ConfigError, InputError
 from aqn.experiments import foreign
 from aqn.files import load_yaml_strict
 from aqn.rl.inputs import INPUTS_FILE
@@ -27,7 +27,7 @@ def dose_label(dose: float | str | None) -> str:
     return f"{dose:g}" if isinstance(dose, float) else str(dose)
 
 
-class RunLoadError(ValueError):
+class RunLoadError(InputError):
     """A path holds no run directory, or a run file cannot be read."""
 
 

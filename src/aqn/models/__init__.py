@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from aqn.errors import ModelUnavailableError
+from aqn.errors import ConfigError, ModelUnavailableError
 from aqn.models.tiny import build_tiny_llama, tiny_llama_config
 from aqn.models.tokenizer import build_char_tokenizer
 
@@ -65,7 +65,6 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
         return load_tiny_base(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aqn.errors import ConfigError
     from aqn.files import is_local_model_path, missing_model_path
 
     source = name
@@ -79,7 +78,7 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
 
         source = smollm2_source()
     elif not Path(name).exists() and "/" not in name:
-        raise ValueError(
+        raise ConfigError(
             f"model {name!r} is neither a built-in ({', '.join(BUILTIN)}), a local "
             "directory, nor a hub id of the form owner/name"
         )
@@ -87,7 +86,7 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
         with hf_progress_bars(False):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder without a model ("Unrecognized")
         hint = ""
         if name == "smollm2-135m-instruct":
             from aqn.models.smollm2 import INSTALL
