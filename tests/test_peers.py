@@ -15,6 +15,8 @@ check those too, so a change on either side shows.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import random
@@ -25,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from aqn.config.rollout_correction import RS_OPTIONS
 from aqn.quant import FORMATS, fake_quantize
 from aqn.rewards import gsm8k as aqn_gsm8k
 from aqn.rl import core_algos as aqn_algos
@@ -206,13 +209,23 @@ def test_kl_penalty_value_and_gradient_equal_verl(verl_algos, kind):
 # ------------------------------------------------------------------------------- mismatch
 
 @pytest.mark.parametrize("level", aqn_algos.IS_LEVELS)
-@pytest.mark.parametrize("threshold", [2.0, 1.5, 10.0])
-def test_truncated_is_weights_and_metrics_equal_verl(verl_corr, level, threshold):
-    for name, train, rollout, mask in log_prob_cases():
-        ours_w, ours_m = aqn_algos.rollout_is_weights(train, rollout, mask, level, threshold)
-        theirs_w, theirs_m = verl_corr.compute_rollout_correction_weights(
-            train - rollout, mask, level, threshold)
-        what = f"{level} C={threshold} on {name}"
+@pytest.mark.parametrize("threshold, batch_normalize", [  # TIS, IcePop ("lower_upper")
+    (2.0, False), (1.5, False), (10.0, False), ("0.5_5.0", False), (2.0, True),
+    ("0.8_1.25", True)])
+def test_truncated_is_weights_and_metrics_equal_verl(verl_corr, level, threshold,
+                                                     batch_normalize):
+    for name, train, rollout, mask in rs_cases(torch.float64):
+        ours_w, ours_m = aqn_algos.rollout_is_weights(train, rollout, mask, level, threshold,
+                                                      batch_normalize)
+        what = f"{level} C={threshold} batch_normalize={batch_normalize} on {name}"
+        try:
+            theirs_w, theirs_m = verl_corr.compute_rollout_correction_weights(
+                train - rollout, mask, level, threshold, batch_normalize)
+        except ZeroDivisionError:  # the documented deviation: IcePop zeroed every weight
+            assert isinstance(threshold, str), what
+            assert (ours_w == 0).all() and ours_m["rollout_is_eff_sample_size"] == 0.0, what
+            assert ours_m["rollout_is_mean"] == 0.0, what
+            continue
         assert_same_bits(ours_w, theirs_w, what)
         assert set(ours_m) == set(theirs_m), what
         for key, value in theirs_m.items():
@@ -246,6 +259,250 @@ def test_mismatch_metrics_equal_verl(verl_corr):
     k3 = rollout_mismatch_metrics(torch.tensor([[-0.01]]), torch.tensor([[-45.0]]),
                                   torch.ones(1, 1))["rollout_corr/k3_kl"]
     assert k3 == pytest.approx(3.46e19, rel=0.01)
+
+
+# ------------------------------------------------------------------------------- rollout correction
+
+# Thresholds per statistic (the first also in float32). In the "at the thresholds" case
+# k1 "0.5_2.0" meets log r = +-log 2, "1.0_1.0" log r = 0 and k2 0.125 log r = +-0.5 exactly.
+RS_THRESHOLDS = {"k1": ("0.5_2.0", "1.0_1.0", 1.05), "k2": (0.125, 0.005),
+                 "k3": (0.01, 0.5)}
+RS_CHAINS = (
+    ("token_k1,seq_mean_k3", "0.97_1.03,0.01"),  # a threshold per option
+    ("seq_sum_k2,seq_max_k3,token_k3", 0.5),  # one shared by all
+    (" seq_mean_k1, token_k2 ,seq_mean_k1", "0.9_1.1,0.02"),  # spaces, a duplicate dropped
+    (",".join(RS_OPTIONS), 1.25),  # every option; k1 reads 1.25 as 0.8_1.25
+)
+
+
+def boundary_case(dtype) -> tuple:
+    log2 = math.log(2.0)
+    train = torch.tensor([[-log2, log2, 0.5, -0.5, 0.0], [log2, 0.0, -0.0, 0.0, 0.0]],
+                         dtype=torch.float64)
+    return ("at the thresholds", train.to(dtype), torch.zeros(2, 5, dtype=dtype),
+            torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]))
+
+
+@functools.cache
+def real_log_prob_cases() -> tuple:
+    """Log-probs of 16 response tokens under the tiny model (the training copy) and under a
+    rollout copy of it in bf16, or with noisy weights: a real model's mismatch."""
+    from aqn.models import build_tiny
+    from aqn.token_math import log_probs_from_logits
+
+    model, _ = build_tiny(seed=0)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 30, (6, 24), generator=gen)
+    mask = (torch.arange(16) < torch.tensor([16, 11, 7, 3, 16, 1])[:, None]).long()
+
+    def log_probs(m):
+        with torch.no_grad():
+            return log_probs_from_logits(m(ids).logits[:, 7:23], ids[:, 8:24])
+
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1 * p.abs().mean())
+    train = log_probs(model)
+    return (("real bf16 rollout", train, log_probs(copy.deepcopy(model).bfloat16()), mask),
+            ("real noisy rollout", train, log_probs(noisy), mask))
+
+
+def small_mismatch_cases(dtype) -> list[tuple]:
+    """Random log-probs with the mismatch a rollout engine makes (log r ~ N(0, 0.01..0.3)),
+    where the thresholds reject some tokens and keep others (log_prob_cases' random ones
+    have sigma 1 to 1000)."""
+    gen = torch.Generator().manual_seed(11)
+    cases = []
+    for i in range(8):
+        b, t = 2 + i % 4, 3 + (5 * i) % 13
+        train = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
+        rollout = train + torch.randn(b, t, generator=gen, dtype=torch.float64) * (
+            0.3, 0.1, 0.03, 0.01)[i % 4]
+        mask = (torch.rand(b, t, generator=gen) < 0.85).long()
+        mask[0, 0] = 1
+        if i % 3 == 1:
+            mask[-1] = 0  # an all-masked row
+        cases.append((f"small mismatch {i}", train.to(dtype), rollout.to(dtype),
+                      mask.float() if i % 2 else mask))
+    return cases
+
+
+def rs_cases(dtype) -> list[tuple]:
+    """The IS tests' cases, small mismatches, one at the thresholds, and the real ones."""
+    return [*log_prob_cases(dtype), *small_mismatch_cases(dtype), boundary_case(dtype),
+            *((n, t.to(dtype), r.to(dtype), m) for n, t, r, m in real_log_prob_cases())]
+
+
+def compare_rejection(verl_corr, rollout_rs, threshold, cases) -> tuple[int, int, int]:
+    """Mask and every metric of aqn's rollout_rejection_mask against verl's
+    compute_rollout_rejection_mask: (cases, values compared, cases that reject some valid
+    tokens and keep others)."""
+    values = partial = 0
+    for name, train, rollout, mask in cases:
+        what = f"{rollout_rs!r} {threshold!r} on {name} ({train.dtype})"
+        ours_mask, ours = aqn_algos.rollout_rejection_mask(train, rollout, mask, rollout_rs,
+                                                           threshold)
+        theirs_mask, theirs = verl_corr.compute_rollout_rejection_mask(
+            train - rollout, mask, rollout_rs, threshold)
+        assert_same_bits(ours_mask, theirs_mask, f"mask {what}")
+        assert set(ours) == set(theirs), what
+        for key, value in theirs.items():
+            assert_same_bits(ours[key], value, f"{key} {what}")
+        values += mask.numel() + len(theirs)
+        partial += 0 < theirs["rollout_rs_masked_fraction"] < 1
+    return len(cases), values, partial
+
+
+@pytest.mark.parametrize("option", RS_OPTIONS)
+def test_rejection_mask_and_metrics_equal_verl(verl_corr, option):
+    thresholds = RS_THRESHOLDS[option[-2:]]
+    cases = partial = 0
+    for dtype in (torch.float64, torch.float32):
+        for threshold in thresholds if dtype == torch.float64 else thresholds[:1]:
+            n, _, p = compare_rejection(verl_corr, option, threshold, rs_cases(dtype))
+            cases, partial = cases + n, partial + p
+    assert cases == len(rs_cases(torch.float64)) * (len(thresholds) + 1)
+    assert partial >= 3, "the thresholds must reject some tokens and keep others"
+
+
+@pytest.mark.parametrize("chain, threshold", RS_CHAINS)
+def test_chained_rejection_equals_verl(verl_corr, chain, threshold):
+    n, _, partial = compare_rejection(verl_corr, chain, threshold, rs_cases(torch.float64))
+    assert n == len(rs_cases(torch.float64)) and partial >= 2
+
+
+IS_SETTINGS = (None, ("token", 2.0, False), ("sequence", 2.0, False),
+               ("token", "0.5_5.0", False), ("sequence", "0.5_5.0", False),
+               ("token", 1.5, True), ("sequence", 10.0, True), ("token", "0.8_1.25", True),
+               ("sequence", "0.1_10.0", True))
+RS_SETTINGS = (None, ("seq_mean_k1", "0.999_1.001"), ("token_k1,seq_max_k3", "0.5_2.0,0.5"))
+
+
+def correction_kwargs(is_setting, rs_setting) -> dict:
+    kwargs = {}
+    if is_setting:
+        kwargs |= dict(zip(("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize"),
+                           is_setting, strict=True))
+    if rs_setting:
+        kwargs |= dict(zip(("rollout_rs", "rollout_rs_threshold"), rs_setting, strict=True))
+    return kwargs
+
+
+# each IS setting with one RS setting in turn, and each RS setting alone
+CORRECTION_SETTINGS = [(s, RS_SETTINGS[i % 3]) for i, s in enumerate(IS_SETTINGS[1:])] + [
+    (None, rs) for rs in RS_SETTINGS[1:]]
+
+
+@pytest.mark.parametrize("is_setting, rs_setting", CORRECTION_SETTINGS)
+def test_rollout_correction_equals_verl(verl_corr, is_setting, rs_setting):
+    """aqn's rollout_correction (what the trainer calls) against verl's
+    compute_rollout_correction_and_rejection_mask: weights, mask and every rollout_is_* /
+    rollout_rs_* metric; verl's off-policy metrics are aqn's rollout_mismatch_metrics,
+    compared in test_mismatch_metrics_equal_verl."""
+    from aqn.config.rollout_correction import RolloutCorrectionConfig
+
+    kwargs = correction_kwargs(is_setting, rs_setting)
+    config = RolloutCorrectionConfig(**kwargs)
+    for name, train, rollout, mask in rs_cases(torch.float64):
+        what = f"{kwargs} on {name}"
+        ours = aqn_algos.rollout_correction(train, rollout, mask, config)
+        try:
+            weights, theirs_mask, theirs = \
+                verl_corr.compute_rollout_correction_and_rejection_mask(
+                    train, rollout, mask, **kwargs)
+        except ZeroDivisionError:  # the documented deviation: IcePop zeroed every weight
+            assert isinstance(config.rollout_is_threshold, str), what
+            assert (ours.weights == 0).all(), what
+            assert ours.metrics["rollout_corr/rollout_is_eff_sample_size"] == 0.0, what
+            continue
+        offpolicy = {f"rollout_corr/{k}"
+                     for k in verl_corr.compute_offpolicy_metrics(train, rollout, mask)}
+        theirs = {k: v for k, v in theirs.items() if k not in offpolicy}
+        assert set(ours.metrics) == set(theirs), what
+        for key, value in theirs.items():
+            assert_same_bits(ours.metrics[key], value, f"{key} {what}")
+        assert_same_bits(ours.mask, theirs_mask, f"mask {what}")
+        if weights is None:
+            assert ours.weights is None, what
+        else:
+            assert_same_bits(ours.weights, weights.batch["rollout_is_weights"], what)
+
+
+def test_masked_garbage_in_rollout_correction(verl_corr):
+    """The documented deviation, where it shows: nan or inf in masked positions gives verl
+    nan TIS weights there (it multiplies by the mask) and aqn 0; IcePop, batch normalization,
+    rejection and every metric agree."""
+    gen = torch.Generator().manual_seed(7)
+    train = -torch.rand(3, 5, generator=gen, dtype=torch.float64)
+    rollout = train + 0.3 * torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    train[0, 3], train[0, 4], train[2] = float("nan"), float("inf"), float("-inf")
+    for level in aqn_algos.IS_LEVELS:
+        for threshold, normalize in ((2.0, False), (2.0, True), ("0.5_5.0", False)):
+            ours_w, ours_m = aqn_algos.rollout_is_weights(train, rollout, mask, level,
+                                                          threshold, normalize)
+            theirs_w, theirs_m = verl_corr.compute_rollout_correction_weights(
+                train - rollout, mask, level, threshold, normalize)
+            assert set(ours_m) == set(theirs_m)
+            for key, value in theirs_m.items():
+                assert_same_bits(ours_m[key], value, f"{key} {level} {threshold}")
+            valid = mask.bool()
+            assert_same_bits(ours_w[valid], theirs_w[valid], f"{level} {threshold}")
+            assert (ours_w[~valid] == 0).all()
+            if level == "token" and threshold == 2.0:
+                assert theirs_w[~valid].isnan().any()  # nan * 0 in verl
+            else:
+                assert_same_bits(ours_w, theirs_w, f"{level} {threshold} {normalize}")
+    for option in RS_OPTIONS:
+        threshold = "0.5_2.0" if option.endswith("k1") else 0.3
+        compare_rejection(verl_corr, option, threshold, [("garbage", train, rollout, mask)])
+
+
+RS_SPECS = (  # (options, rollout_rs_threshold): verl's parser accepts or refuses each
+    (["token_k1"], "0.5_2.0"), (["token_k1"], 2.0), (["token_k1"], 2), (["token_k1"], "2"),
+    (["seq_sum_k1"], "1.0_1.0"), (["seq_mean_k1"], "1e-3_1e3"), (["seq_mean_k1"], 0.5),
+    (["seq_mean_k3"], 0.01), (["seq_max_k2"], "0.01"), (["token_k1", "seq_max_k2"], 1.5),
+    (["token_k1", "seq_max_k2"], "0.5_2.0, 0.3"), (["token_k1", "seq_max_k2"], "0.5_2.0,"),
+    (["token_k1"], "2.0_0.5"), (["token_k1"], -1.0), (["token_k1"], 0), (["token_k1"], "abc"),
+    (["token_k2"], "0.5_2.0"), (["token_k2"], -0.1), (["token_k1", "seq_max_k2"], "1,2,3"),
+    (["token_k1"], ""), (["token_k1"], ","), (["token_k1"], None), (["token_k1"], "0_1"),
+    (["token_k1"], "1_x"), (["token_k3"], "inf"),
+)
+IS_SPECS = (2.0, 2, "2.0", "0.5_5.0", " 0.5_5.0 ", "5.0_0.5", 0, -1.0, "", "x", "0_1",
+            "1_1", True, None)
+
+
+def test_threshold_parsers_accept_and_refuse_what_verl_does(verl_corr):
+    from aqn.config import rollout_correction as rc
+
+    accepted = 0
+    for options, spec in RS_SPECS:
+        try:
+            theirs = verl_corr._parse_rollout_rs_thresholds(options, spec)
+        except (ValueError, TypeError, ZeroDivisionError):
+            with pytest.raises((ValueError, TypeError)):
+                rc.parse_rs_thresholds(options, spec)
+            continue
+        ours = rc.parse_rs_thresholds(options, spec)
+        assert {o: (b.lower, b.upper) for o, b in ours.items()} == {
+            o: (t["lower"], t["upper"]) for o, t in theirs.items()}, (options, spec)
+        accepted += 1
+    assert accepted == 11
+    accepted = 0
+    for spec in IS_SPECS:
+        try:
+            theirs = verl_corr._parse_rollout_is_threshold(spec)
+        except (ValueError, TypeError):
+            with pytest.raises((ValueError, TypeError)):
+                rc.parse_is_threshold(spec)
+            continue
+        assert rc.parse_is_threshold(spec) == theirs, spec
+        accepted += 1
+    assert accepted == 6
+    assert rc.RS_OPTIONS == tuple(sorted(verl_corr.SUPPORTED_ROLLOUT_RS_OPTIONS,
+                                         key=rc.RS_OPTIONS.index))
+    assert set(rc.RS_OPTIONS) == verl_corr.SUPPORTED_ROLLOUT_RS_OPTIONS
 
 
 # ------------------------------------------------------------------------------- GSM8K

@@ -396,8 +396,9 @@ def test_a_redirected_log_gets_a_plain_line_per_step(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [
     [],  # an unperturbed engine: its recompute is skipped, rollout = old log-probs
-    [*AQN, "algorithm.rollout_is=token"],  # noisy rollout, TIS on
-    [*AQN, "algorithm.rollout_is=sequence", "actor_rollout_ref.actor.entropy_coeff=0.01"],
+    [*AQN, "algorithm.rollout_correction.rollout_is=token"],  # noisy rollout, TIS on
+    [*AQN, "algorithm.rollout_correction.rollout_is=sequence",
+     "actor_rollout_ref.actor.entropy_coeff=0.01"],
 ])
 def test_old_log_probs_from_the_training_forward_equal_the_separate_pass(tmp_path, extra):
     """The on-policy shortcut (one optimizer step per batch) changes nothing but the time:

@@ -41,12 +41,12 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from aqn.models import DTYPES
     from aqn.noise import NoiseInjectionConfig
     from aqn.noise.schedule import EXPONENTS, PRESETS
-    from aqn.numerics import PROFILES
+    from aqn.numerics import PROFILE_PRECISIONS, PROFILES
     from aqn.quant import FORMATS
 
     hints = get_type_hints(NoiseInjectionConfig)
     return {"dtype": tuple(DTYPES), "preset": tuple(PRESETS), "exponent": EXPONENTS,
-            "profile": tuple(PROFILES), "format": tuple(FORMATS),
+            "profile": tuple(PROFILES), "precision": PROFILE_PRECISIONS, "format": tuple(FORMATS),
             "distribution": get_args(hints["distribution"]), "mode": get_args(hints["mode"])}
 
 
@@ -107,11 +107,11 @@ def _selection_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _add_probe_args(p: argparse.ArgumentParser) -> None:
+def _add_probe_args(p: argparse.ArgumentParser, float16: bool = False) -> None:
     """The model and the probe prompts a mismatch measurement runs on (numerics, quant)."""
     p.add_argument("--model", default="tiny-base")
-    p.add_argument("--dtype", default="float32",
-                   choices=[d for d in _choices()["dtype"] if d != "float16"])
+    p.add_argument("--dtype", default="float32", help="the model's (trainer's) dtype",
+                   choices=[d for d in _choices()["dtype"] if float16 or d != "float16"])
     p.add_argument("--prompts", type=int, default=16, help="arith test prompts (default 16)")
     p.add_argument("--new-tokens", type=int, default=64)
 
@@ -215,12 +215,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_numerics(args: argparse.Namespace) -> None:
-    from aqn.rollout.mismatch import numerics_check
+    from aqn.rollout.mismatch import numerics_check, numerics_table
 
-    metrics, report = numerics_check(args.model, args.profile, num_prompts=args.prompts,
-                                     dtype=args.dtype, max_new_tokens=args.new_tokens,
-                                     seed=args.seed)
-    print(json.dumps(metrics, indent=1) if args.json else report)
+    kwargs = dict(num_prompts=args.prompts, dtype=args.dtype, max_new_tokens=args.new_tokens,
+                  seed=args.seed, rollout_dtype=args.rollout_dtype, precision=args.precision)
+    if args.profile != "all":
+        metrics, report = numerics_check(args.model, args.profile, **kwargs)
+        print(json.dumps(metrics, indent=1) if args.json else report)
+        return
+    rows, label = numerics_table(args.model, _choices()["profile"], **kwargs)
+    if args.json:
+        print(json.dumps({"label": label, "rows": rows}, indent=1))
+        return
+    print(label)
+    print(_table(["profile", "casts", "mean |dlogp|", "max |dlogp|", "rollout_corr/kl",
+                  "k3 KL", "tokens", "gen s"],
+                 [(r["profile"], r["precision"], f"{r['rollout_corr/abs_logp_diff_mean']:.4g}",
+                   f"{r['rollout_corr/abs_logp_diff_max']:.3g}", f"{r['rollout_corr/kl']:.3g}",
+                   f"{r['rollout_corr/k3_kl']:.3g}", int(r["mismatch/num_tokens"]),
+                   f"{r['mismatch/gen_s']:.1f}") for r in rows]))
 
 
 def cmd_scan(args: argparse.Namespace) -> None:
@@ -376,8 +389,14 @@ def _args_noise_check(p: argparse.ArgumentParser) -> None:
 
 
 def _args_numerics(p: argparse.ArgumentParser) -> None:
-    _add_probe_args(p)
-    p.add_argument("--profile", default="npu-like", choices=_choices()["profile"])
+    _add_probe_args(p, float16=True)
+    p.add_argument("--profile", default="npu-like", choices=["all", *_choices()["profile"]],
+                   help="a profile, or all: a table of every one")
+    p.add_argument("--rollout-dtype", choices=_choices()["dtype"],
+                   help="the engine's dtype (actor_rollout_ref.rollout.dtype; default --dtype)")
+    p.add_argument("--precision", default="auto", choices=_choices()["precision"],
+                   help="the profile's casts: auto (fp16 on a float16 engine, else bf16), or "
+                        "bf16 / fp16 emulated on any engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_numerics)

@@ -68,3 +68,15 @@ def aqn_layer(layer: int | None, what: str) -> str:
 
 
 AQN_LAYER = re.compile(r"aqn/(?:layer_(?P<layer>\d+)|final)/(?P<what>sigma|effective_std)")
+
+# Rollout correction (verl 0.9's rollout_corr/ prefix: mismatch, importance weights, rejection)
+ROLLOUT_CORR = "rollout_corr/"
+IS_MEAN = "rollout_corr/rollout_is_mean"  # mean importance weight over valid tokens
+RS_MASKED_FRACTION = "rollout_corr/rollout_rs_masked_fraction"  # valid tokens rejected
+# sequences (of all in the batch, verl's denominator) with at least one rejected token
+RS_SEQ_MASKED_FRACTION = "rollout_corr/rollout_rs_seq_masked_fraction"
+
+
+def rollout_rs(option: str, what: str) -> str:
+    """One rejection option's metric: ``rollout_corr/rollout_rs_seq_mean_k1_masked_fraction``."""
+    return f"{ROLLOUT_CORR}rollout_rs_{option}_{what}"

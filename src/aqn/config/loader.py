@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from aqn.config.upgrade import renamed_key_error
 from aqn.errors import ConfigError
 from aqn.files import load_yaml_strict
 
@@ -119,7 +120,8 @@ def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in names:
-            raise ConfigError(f"unknown key{_closest(str(name), names)}", key)
+            raise renamed_key_error(key) or ConfigError(
+                f"unknown key{_closest(str(name), names)}", key)
         kwargs[name] = coerce(hints[name], value, key)
     try:
         return cls(**kwargs)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from aqn.config.rollout_correction import RolloutCorrectionConfig
 from aqn.data import train_size
 from aqn.errors import ConfigError
 from aqn.files import missing_model_path
@@ -198,6 +199,13 @@ class RolloutConfig:
     # (one copy of the model in memory, sync copies only the perturbed ones); false: a full copy.
     share_weights: bool = True
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+    # The engine's parameter dtype (verl's key and spelling): null, the model's own
+    # (actor_rollout_ref.model.dtype), so the engine runs as the trainer; float32 | bfloat16 |
+    # float16: the engine's copy of every weight is cast to it at each sync (as verl loads
+    # vLLM's), the trainer keeps model.dtype. The numerics profile's casts follow it: fp16 on
+    # a float16 engine, bf16 otherwise. "FP16 on both engines" (Qi et al., arXiv 2510.26788):
+    # model.dtype=float16; a BF16 rollout of an fp32 trainer: dtype=bfloat16.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # Simulated rollout hardware, on the engine copy only (applied before AQN noise, and kept
     # during validation: it is where the model runs). Fake weight quantization ("quantized
     # rollout", as FP8/INT8 rollouts do) and a numerics profile (aqn.numerics: gpu-like,
@@ -310,14 +318,19 @@ class ActorRolloutRefConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
+    @property
+    def rollout_dtype(self) -> str:
+        """The dtype the rollout engine runs in: rollout.dtype, or the model's when null."""
+        return self.rollout.dtype or self.model.dtype
+
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
     adv_estimator: Literal["grpo"] = "grpo"
     norm_adv_by_std_in_grpo: bool = True
-    # Truncated importance sampling against rollout-vs-train mismatch (null: off).
-    rollout_is: Literal["token", "sequence"] | None = None
-    rollout_is_threshold: float = 2.0
+    # Importance sampling and rejection sampling against rollout-vs-train mismatch, under
+    # verl 0.9's names (all off by default; docs/reference.md#rollout-correction).
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ aqn's own runs (a cluster run beside a laptop run).
 - verl: the file logger's JSONL (``trainer.logger=[console,file]``), one
   ``{"step": int, "data": {metric: value}}`` per line, at ``$VERL_FILE_LOGGER_PATH`` or
   ``$VERL_FILE_LOGGER_ROOT/<project>/<experiment>.jsonl``. Its names are verl's, which are the
-  report's: nothing is renamed.
+  report's: nothing is renamed (its rollout correction's ``rollout_corr/rollout_is_*`` and
+  ``rollout_corr/rollout_rs_*`` sit beside aqn's under the same keys).
 - TRL: ``trainer_state.json`` (``Trainer`` writes it into every checkpoint-<step>/), whose
   ``log_history`` holds one row per logging step. GRPOTrainer's names are mapped to verl's
   where the two measure the same thing (``TRL_NAMES``); the others keep their TRL names.
@@ -60,6 +61,9 @@ TRL_NAMES = {
     "clip_ratio/region_mean": keys.CLIPFRAC,  # ratio clipped on the side its advantage pushes
     # mean |training - vLLM sampling| token log-prob (use_vllm with importance sampling)
     "sampling/sampling_logp_difference/mean": keys.ABS_LOGP_DIFF,
+    # not mapped: sampling/importance_sampling_ratio/{min,mean,max} is TRL's ratio after its
+    # own truncation or masking (vllm_importance_sampling_mode), per token or per sequence,
+    # averaged over processes: no verl rollout_corr/rollout_is_* figure; it keeps TRL's name
     "grad_norm": "actor/grad_norm",
     "learning_rate": "actor/lr",
     "eval_reward": keys.val_core(TRL_EVAL_SOURCE, "reward", 1),

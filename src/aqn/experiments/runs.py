@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aqn import metric_keys as keys
+from aqn.config.upgrade import upgrade_stored_config
 from aqn.data.jsonl import load_jsonl, load_jsonl_lines
 from aqn.errors import ConfigError, InputError
 from aqn.experiments import foreign
@@ -160,7 +161,9 @@ def load_run(path: str | Path) -> RunData:
     path = Path(path)
     try:
         file = path / "config.yaml"
-        config = load_yaml_strict(file.read_text(encoding="utf-8"), file) or {}
+        # a run stored under older key names reads as today's (verl 0.8's rollout_is, ...)
+        config = upgrade_stored_config(load_yaml_strict(file.read_text(encoding="utf-8"), file)
+                                       or {})
     except ConfigError as e:
         raise RunLoadError(str(e)) from e
     file = path / "metrics.jsonl"

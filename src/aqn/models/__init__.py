@@ -99,6 +99,18 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", seed: int = 0
     return model.eval(), tokenizer
 
 
+def cast_parameters(model: nn.Module, dtype: str | torch.dtype) -> nn.Module:
+    """``model`` with every floating-point parameter cast to ``dtype`` in place (the rollout
+    engine's copy under ``actor_rollout_ref.rollout.dtype``). Buffers keep their dtype, as
+    ``from_pretrained(dtype=...)`` leaves them (RoPE's ``inv_freq`` stays fp32); tied
+    parameters stay tied (one Parameter, cast once)."""
+    dtype = parse_dtype(dtype)
+    for param in {id(p): p for p in model.parameters()}.values():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> list[int]:
     """The ids that end a completion: the tokenizer's EOS and the generation config's."""
     ids = {tokenizer.eos_token_id}

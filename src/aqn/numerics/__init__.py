@@ -1,4 +1,4 @@
-"""Simulated hardware numerics (layer 1): bf16 rounding modes, split-K accumulation,
+"""Simulated hardware numerics (layer 1): bf16 / fp16 rounding modes, split-K accumulation,
 RMSNorm cast order and low-precision activations, installed on a model in place.
 
     from aqn.numerics import NumericsEmulator, emulate, PROFILES
@@ -14,9 +14,11 @@ from aqn.numerics.profiles import (
     MATMUL_MODES,
     NORM_CASTS,
     OP_DTYPES,
+    PROFILE_PRECISIONS,
     PROFILES,
     NumericsProfile,
     get_profile,
+    precision_of,
 )
 from aqn.numerics.published import (
     PUBLISHED_MISMATCH,
@@ -24,14 +26,16 @@ from aqn.numerics.published import (
     compare_to_published,
     mismatch_report,
 )
-from aqn.numerics.rounding import ROUNDING_MODES, round_bf16, split_k_linear
+from aqn.numerics.rounding import PRECISIONS, ROUNDING_MODES, round_bf16, round_to, split_k_linear
 
 __all__ = [
     "ACTIVATION_ROUNDING",
     "MATMUL_MODES",
     "NORM_CASTS",
     "OP_DTYPES",
+    "PRECISIONS",
     "PROFILES",
+    "PROFILE_PRECISIONS",
     "PUBLISHED_MISMATCH",
     "ROUNDING_MODES",
     "NumericsEmulator",
@@ -41,6 +45,8 @@ __all__ = [
     "emulate",
     "get_profile",
     "mismatch_report",
+    "precision_of",
     "round_bf16",
+    "round_to",
     "split_k_linear",
 ]

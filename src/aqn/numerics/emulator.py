@@ -2,22 +2,25 @@
 
 ``NumericsEmulator`` is a rollout-engine perturbation (``refresh`` / ``apply`` / ``restore``):
 
-- ``nn.Linear``: the instance's ``forward`` is replaced (split-K bf16 accumulation and/or
-  bf16 rounding of the output);
+- ``nn.Linear``: the instance's ``forward`` is replaced (split-K 16-bit accumulation and/or
+  16-bit rounding of the output);
 - modules whose class name contains ``rmsnorm``: ``forward`` replaced (cast order);
-- the MLP's ``act_fn``: ``forward`` replaced (SiLU op by op in bf16, or in fp32 then cast);
+- the MLP's ``act_fn``: ``forward`` replaced (SiLU op by op in 16 bits, or in fp32 then cast);
 - attention: an emulating eager attention and its mask function are registered in
   transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` under a key unique to
   this emulator, and selected through ``config._attn_implementation`` of this model only;
 - embedding, decoder-layer (and otherwise unpatched norm / activation) outputs: forward
-  hooks that round them to bf16.
+  hooks that round them to 16 bits.
+
+"16 bits" is the profile's precision, resolved on the model (``NumericsProfile.on``): fp16 on
+an fp16 model, bf16 otherwise.
 
 Weights are never touched, so ``restore`` (which deletes the instance ``forward``s, removes
 the hooks, puts back ``_attn_implementation`` and unregisters the key) returns the model to
 its exact former behaviour. Every rounding is straight-through for gradients.
 
-Limits: on a bf16 model, operations left to PyTorch (residual adds, the gate*up product,
-RoPE) keep PyTorch's round-to-nearest-even whatever ``rounding`` says.
+Limits: on a bf16 or fp16 model, operations left to PyTorch (residual adds, the gate*up
+product, RoPE) keep PyTorch's round-to-nearest-even whatever ``rounding`` says.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from aqn.errors import ConfigError, NoTargetsError
 from aqn.firing import Firing
 from aqn.hashing import derive_seed
 from aqn.numerics.profiles import NumericsProfile, get_profile
-from aqn.numerics.rounding import round_bf16, split_k_linear
+from aqn.numerics.rounding import round_to, split_k_linear
 
 _KEYS = itertools.count()
 
@@ -54,6 +57,11 @@ def _is_silu(fn: object) -> bool:
             or "silu" in type(fn).__name__.lower() or "swish" in type(fn).__name__.lower())
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (fp32 when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _norm_eps(module: nn.Module) -> float | None:
     for attr in ("variance_epsilon", "eps"):
         value = getattr(module, attr, None)
@@ -69,7 +77,8 @@ class NumericsEmulator:
 
     def __init__(self, model: nn.Module, profile: str | NumericsProfile, seed: int = 0) -> None:
         self.model = model
-        self.profile = get_profile(profile)
+        # its precision resolved on the model (fp16 on an fp16 model, bf16 otherwise)
+        self.profile = get_profile(profile).on(_model_dtype(model))
         self.seed = seed
         self.step: int | None = None
         self._undo: list[Callable[[], None]] = []
@@ -128,14 +137,15 @@ class NumericsEmulator:
         return self._generator
 
     def _cast(self, t: Tensor) -> Tensor:
-        """A bf16 cast the profile makes (norm, activation, softmax, split-K): fp32 out."""
-        return round_bf16(t, self.profile.cast_rounding, self.generator)
+        """A 16-bit cast the profile makes (norm, activation, softmax, split-K): fp32 out."""
+        return round_to(t, self.profile.precision, self.profile.cast_rounding, self.generator)
 
     def _store(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """An activation written to memory: rounded by ``rounding`` (if any), in ``dtype``."""
         if self.profile.rounding == "none" or t.dtype != torch.float32:
             return t.to(dtype)
-        return round_bf16(t, self.profile.rounding, self.generator).to(dtype)
+        return round_to(t, self.profile.precision, self.profile.rounding,
+                        self.generator).to(dtype)
 
     def _find_targets(self) -> dict[str, list[tuple[str, nn.Module]]]:
         p = self.profile
@@ -215,10 +225,10 @@ class NumericsEmulator:
         def forward(x: Tensor) -> Tensor:
             if p.matmul == "bf16_splitk":
                 y = split_k_linear(x, module.weight, module.bias, p.split_k_chunk,
-                                   p.cast_rounding, self.generator)
+                                   p.cast_rounding, self.generator, p.precision)
                 return y.to(x.dtype)
             if x.dtype == torch.float32 or p.rounding == "rne":
-                y = orig(x)  # for bf16 already rounded to nearest even by PyTorch
+                y = orig(x)  # for bf16 / fp16 already rounded to nearest even by PyTorch
             else:  # truncation or stochastic rounding must see the fp32 accumulator
                 bias = None if module.bias is None else module.bias.float()
                 y = F.linear(x.float(), module.weight.float(), bias)
@@ -265,14 +275,14 @@ class NumericsEmulator:
     def _patch_act(self, name: str, owner: nn.Module) -> None:
         fn = owner.act_fn
         silu = _is_silu(fn)
-        in_bf16 = self.profile.act_dtype == "bf16"
+        in_16bit = self.profile.act_dtype == "bf16"
         orig = fn.forward if isinstance(fn, nn.Module) else fn
 
         def forward(x: Tensor) -> Tensor:
-            if in_bf16 and silu:  # x * sigmoid(x) = x / (1 + exp(-x)), every op in bf16
+            if in_16bit and silu:  # x * sigmoid(x) = x / (1 + exp(-x)), every op in 16 bits
                 xb = self._cast(x)
                 y = self._cast(xb / self._cast(1.0 + self._cast(torch.exp(-xb))))
-            elif in_bf16:  # another activation: bf16 in, bf16 out
+            elif in_16bit:  # another activation: 16 bits in, 16 bits out
                 y = self._cast(orig(self._cast(x)))
             else:  # fp32 compute, one cast
                 y = self._cast(orig(x.float()))
@@ -335,9 +345,9 @@ class NumericsEmulator:
             key = key.repeat_interleave(n_rep, dim=1)
             value = value.repeat_interleave(n_rep, dim=1)
         scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
-        in_bf16 = self.profile.softmax_dtype == "bf16"
-        if in_bf16:
-            scores = self._cast(scores)  # a bf16 matmul writes bf16 scores
+        in_16bit = self.profile.softmax_dtype == "bf16"
+        if in_16bit:
+            scores = self._cast(scores)  # a 16-bit matmul writes 16-bit scores
         q_len, kv_len = scores.shape[-2:]
         if attention_mask is None and q_len > 1:
             attention_mask = torch.ones((q_len, kv_len), dtype=torch.bool,
@@ -347,7 +357,7 @@ class NumericsEmulator:
                 scores = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
             else:
                 scores = scores + attention_mask[..., :kv_len].float()
-        if in_bf16:  # every step of the softmax stored in bf16
+        if in_16bit:  # every step of the softmax stored in 16 bits
             shifted = self._cast(scores - scores.amax(-1, keepdim=True))
             e = self._cast(torch.exp(shifted))
             probs = self._cast(e / self._cast(e.sum(-1, keepdim=True)))

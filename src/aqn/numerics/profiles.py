@@ -1,26 +1,36 @@
 """Numerics profiles: how a simulated piece of hardware computes a transformer's forward pass.
 
-A profile is a combination of four knobs, each the numerical behaviour of one kind of
-kernel (docs/reference.md#sources-of-hardware-differences lists them as the sources of
-GPU-vs-NPU differences):
+A profile is a combination of knobs, each the numerical behaviour of one kind of kernel
+(docs/reference.md#sources-of-hardware-differences lists them as the sources of GPU-vs-NPU
+differences), and the 16-bit format its casts round to:
 
+- ``precision``: ``bf16`` or ``fp16``, the low precision of the simulated deployment. Every
+  cast the knobs below make (activation rounding, split-K running sums, norm casts, the
+  ``bf16`` op dtypes) rounds to this format: a knob value spelt ``bf16`` means "in the
+  profile's precision". ``auto`` (the default, and all a run uses) follows the model the
+  profile is installed on: fp16 on an fp16 model (``actor_rollout_ref.rollout.dtype=float16``
+  casts the engine's copy so), bf16 otherwise; an explicit ``bf16`` on an fp16 model, or
+  ``fp16`` on a bf16 one, is refused. FP16 has 3 more mantissa bits than bf16 (spacing 8x
+  finer) and a range of +-65504 (overflow to inf, as a real fp16 kernel's).
 - ``matmul``: ``fp32`` leaves ``nn.Linear`` alone (fp32 accumulation, as PyTorch on CPU and
   tensor cores do); ``bf16_splitk`` cuts the reduction dimension into chunks of
-  ``split_k_chunk`` and rounds the running sum to bf16 after each chunk.
-- ``rounding``: how activations are rounded to bf16 — the outputs of every ``nn.Linear``,
-  the embedding and every decoder layer (the residual stream entering the next layer).
-  ``none`` leaves them in the model's dtype; ``rne`` rounds to nearest even; ``truncate``
-  rounds toward zero; ``stochastic`` rounds randomly, unbiased, from a seeded generator.
-  The casts the other knobs make use the same mode (``rne`` when ``rounding`` is ``none``).
-- ``norm_cast``: ``before_weight`` casts the normalised activation to bf16 before the gain
-  multiply and rounds the product again (Hugging Face Llama/Qwen2 ``RMSNorm``);
+  ``split_k_chunk`` and rounds the running sum to the precision after each chunk.
+- ``rounding``: how activations are rounded to the precision — the outputs of every
+  ``nn.Linear``, the embedding and every decoder layer (the residual stream entering the
+  next layer). ``none`` leaves them in the model's dtype; ``rne`` rounds to nearest even;
+  ``truncate`` rounds toward zero; ``stochastic`` rounds randomly, unbiased, from a seeded
+  generator. The casts the other knobs make use the same mode (``rne`` when ``rounding`` is
+  ``none``).
+- ``norm_cast``: ``before_weight`` casts the normalised activation to the precision before
+  the gain multiply and rounds the product again (Hugging Face Llama/Qwen2 ``RMSNorm``);
   ``after_weight`` multiplies in fp32 and casts once (a fused-kernel style).
 - ``act_dtype`` (SiLU of the MLP) and ``softmax_dtype`` (attention): ``bf16`` rounds every
-  elementary operation (exp, add, divide, sum) to bf16; ``fp32`` computes in fp32 and
-  casts the result once. ``model`` leaves either alone.
+  elementary operation (exp, add, divide, sum) to the precision; ``fp32`` computes in fp32
+  and casts the result once. ``model`` leaves either alone.
 
-An fp32 model is treated as a bf16 deployment wherever a knob says bf16; weights are never
-changed (rounding weights is the job of the quantization perturbation).
+An fp32 model is treated as a 16-bit deployment wherever a knob says so; weights are never
+changed (rounding weights is the job of the quantization perturbation, or of the rollout
+dtype, which casts the engine's copy).
 """
 
 from __future__ import annotations
@@ -29,14 +39,23 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from aqn.errors import ConfigError
 from aqn.hashing import config_hash
-from aqn.numerics.rounding import ROUNDING_MODES
+from aqn.numerics.rounding import PRECISIONS, ROUNDING_MODES
 
 MATMUL_MODES = ("fp32", "bf16_splitk")
 ACTIVATION_ROUNDING = ("none", *ROUNDING_MODES)
 NORM_CASTS = ("model", "before_weight", "after_weight")
 OP_DTYPES = ("model", "fp32", "bf16")
+PROFILE_PRECISIONS = ("auto", *PRECISIONS)
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    """The 16-bit format a profile casts to on a model of ``dtype`` (``precision: auto``):
+    fp16 on an fp16 model, bf16 otherwise (an fp32 model is simulated as a bf16 deployment)."""
+    return "fp16" if dtype == torch.float16 else "bf16"
 
 
 def _check(value: object, allowed: tuple[str, ...], key: str) -> None:
@@ -50,11 +69,14 @@ class NumericsProfile:
 
     name: str = "custom"
     matmul: str = "fp32"  # "fp32" (plain nn.Linear) | "bf16_splitk"
-    split_k_chunk: int = 128  # K per chunk of the bf16 split-K accumulation
+    split_k_chunk: int = 128  # K per chunk of the 16-bit split-K accumulation
     rounding: str = "none"  # activations: "none" | "rne" | "truncate" | "stochastic"
     norm_cast: str = "model"  # RMSNorm: "model" | "before_weight" | "after_weight"
     act_dtype: str = "model"  # MLP activation (SiLU): "model" | "fp32" | "bf16"
     softmax_dtype: str = "model"  # attention softmax: "model" | "fp32" | "bf16"
+    # the 16-bit format of every cast above: "auto" (the model's: fp16 on an fp16 model,
+    # bf16 otherwise) | "bf16" | "fp16"
+    precision: str = "auto"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -63,14 +85,29 @@ class NumericsProfile:
         _check(self.norm_cast, NORM_CASTS, "norm_cast")
         _check(self.act_dtype, OP_DTYPES, "act_dtype")
         _check(self.softmax_dtype, OP_DTYPES, "softmax_dtype")
+        _check(self.precision, PROFILE_PRECISIONS, "precision")
         if not isinstance(self.split_k_chunk, int) or self.split_k_chunk < 1:
             raise ConfigError(f"must be a positive integer, got {self.split_k_chunk!r}",
                               "split_k_chunk")
 
     @property
     def cast_rounding(self) -> str:
-        """Rounding mode of the bf16 casts made by the matmul, norm and op knobs."""
+        """Rounding mode of the casts made by the matmul, norm and op knobs."""
         return "rne" if self.rounding == "none" else self.rounding
+
+    def on(self, dtype: torch.dtype) -> NumericsProfile:
+        """This profile as it runs on a model of ``dtype``: ``precision`` resolved (``auto``:
+        ``precision_of(dtype)``). A 16-bit model of the other format is refused: its values
+        would be rounded to a grid it cannot hold (bf16 casts on fp16 overflow past 65504,
+        fp16 casts on bf16 lose what fp16 kept)."""
+        wanted = precision_of(dtype)
+        if self.precision == "auto":
+            return dataclasses.replace(self, precision=wanted)
+        if dtype in (torch.float16, torch.bfloat16) and self.precision != wanted:
+            raise ConfigError(f"profile {self.name!r} casts to {self.precision}, but the model "
+                              f"it runs on is {str(dtype).removeprefix('torch.')}: set "
+                              f"precision to auto or {wanted}", "numerics.precision")
+        return self
 
     @property
     def is_reference(self) -> bool:
@@ -114,7 +151,7 @@ PROFILES: dict[str, NumericsProfile] = {
         act_dtype="fp32",
         # flash/SDPA kernels keep the softmax in fp32: leave the model's attention alone
         softmax_dtype="model",
-        description="bf16 deployment on fp32-accumulating tensor cores with fused fp32 "
+        description="16-bit deployment on fp32-accumulating tensor cores with fused fp32 "
                     "norm and activation kernels",
     ),
     "npu-like": NumericsProfile(
@@ -130,16 +167,17 @@ PROFILES: dict[str, NumericsProfile] = {
         # vector units computing exp/sigmoid and the softmax sum in bf16, op by op
         act_dtype="bf16",
         softmax_dtype="bf16",
-        description="bf16 deployment with bf16 split-K accumulation (chunks of 64), RMSNorm "
-                    "cast before the gain multiply, SiLU and softmax computed in bf16",
+        description="16-bit deployment with 16-bit split-K accumulation (chunks of 64), "
+                    "RMSNorm cast before the gain multiply, SiLU and softmax computed in 16 "
+                    "bits",
     ),
 }
-# npu-like, but every bf16 cast truncates (rounds toward zero), as some conversion paths do:
+# npu-like, but every cast truncates (rounds toward zero), as some conversion paths do:
 # a biased error that accumulates through the layers instead of averaging out. A stress case,
 # not a claim about what any specific port did.
 PROFILES["npu-naive"] = dataclasses.replace(
     PROFILES["npu-like"], name="npu-naive", rounding="truncate",
-    description="npu-like with every bf16 cast truncated toward zero")
+    description="npu-like with every cast truncated toward zero")
 
 
 def get_profile(profile: str | NumericsProfile | Mapping[str, object]) -> NumericsProfile:

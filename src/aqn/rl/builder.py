@@ -17,7 +17,13 @@ from torch import nn
 
 from aqn.config import AQNConfig
 from aqn.errors import ConfigError
-from aqn.models import enable_activation_checkpointing, load_model, stop_token_ids
+from aqn.models import (
+    cast_parameters,
+    enable_activation_checkpointing,
+    load_model,
+    parse_dtype,
+    stop_token_ids,
+)
 from aqn.models.lora import apply_lora, trainable_summary
 from aqn.perturb import SPECS, Perturbations, build_perturbations
 from aqn.quant import LoadTimeWeightQuantizer, quantize_model
@@ -81,12 +87,19 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine | VLLMEngine:
     arr = cfg.actor_rollout_ref
     if arr.rollout.name == "vllm":
         return _build_vllm_engine(cfg, policy)
+    # rollout.dtype set: every parameter cast to it (one the engine owns, each sync casts)
+    dtype = parse_dtype(arr.rollout.dtype) if arr.rollout.dtype else None
     if arr.rollout.share_weights:
         # the weight perturbations write the engine's Linear weights: it owns them then
         engine_model = _sharing_copy(policy.model, own_linears=arr.rollout.quantization
-                                     is not None or arr.rollout.weight_noise.enabled)
+                                     is not None or arr.rollout.weight_noise.enabled,
+                                     dtype=dtype)
     else:
         engine_model = copy.deepcopy(policy.model)
+        if dtype is not None:
+            cast_parameters(engine_model, dtype)
+    if dtype is not None:
+        log.info("rollout engine in %s (trainer: %s)", arr.rollout.dtype, arr.model.dtype)
     perturbations = build_perturbations(engine_model, cfg)
     for p in perturbations:
         log.info("rollout perturbation %s", p.name)
@@ -122,6 +135,7 @@ def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
         # on vLLM's own modules (its RMSNorm class): the seed's zero-match bug fails here
         build_perturbations=lambda model: build_perturbations(model, cfg, skip=("quant",)),
         load_quantizer=quantizer,
+        dtype=rollout.dtype,  # null: the trainer's parameter dtype
         log_prob_source=rollout.log_prob_source,
         micro_batch_size=rollout.micro_batch_size,
         max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
@@ -138,19 +152,25 @@ def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
     return engine
 
 
-def _sharing_copy(model: nn.Module, own_linears: bool) -> nn.Module:
+def _sharing_copy(model: nn.Module, own_linears: bool, dtype: torch.dtype | None = None
+                  ) -> nn.Module:
     """A copy of ``model`` whose parameters are ``model``'s own tensors, except those a
     perturbation may write, which get their own: every parameter of fewer than 2 dims (the
     norm gains AQN perturbs, biases: a tiny share) and, for a quantized rollout, the Linear
-    weights. Copying no more keeps one model in memory; ``HFEngine.link_weights`` checks
-    afterwards that every parameter a perturbation writes is an own one."""
+    weights; with ``dtype`` (rollout.dtype) also every floating parameter of another dtype,
+    cast to it (a sync copies into it, casting). Copying no more keeps one model in memory;
+    ``HFEngine.link_weights`` checks afterwards that every parameter a perturbation writes is
+    an own one."""
     memo = {id(p): p for p in model.parameters()}  # deepcopy keeps these as they are
     engine_model = copy.deepcopy(model, memo)
     own: dict[int, nn.Parameter] = {}  # by the shared tensor's id, so tied weights stay tied
     for _, module, leaf, param in parameter_slots(engine_model):
-        if param.dim() < 2 or (own_linears and isinstance(module, nn.Linear) and leaf == "weight"):
+        recast = dtype is not None and param.is_floating_point() and param.dtype != dtype
+        if recast or param.dim() < 2 or (own_linears and isinstance(module, nn.Linear)
+                                         and leaf == "weight"):
             if id(param) not in own:
-                own[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                data = param.detach().to(dtype) if recast else param.detach().clone()
+                own[id(param)] = nn.Parameter(data, requires_grad=False)
             module._parameters[leaf] = own[id(param)]
     return engine_model
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from aqn.config import AQNConfig, config_to_dict, dump_config
+from aqn.config.upgrade import upgrade_stored_config
 from aqn.errors import ConfigError
 from aqn.files import load_yaml_strict, write_atomic
 from aqn.machine import machine_info
@@ -95,7 +96,8 @@ def config_changes(config_file: Path, cfg: AQNConfig) -> list[str]:
     """The keys in which ``cfg`` differs from the run config stored in ``config_file``,
     leaving out those a resume may change."""
     try:
-        old = _flat(load_yaml_strict(config_file.read_text(), config_file) or {})
+        old = _flat(upgrade_stored_config(
+            load_yaml_strict(config_file.read_text(), config_file) or {}))
     except (OSError, ConfigError) as e:
         raise ConfigError(f"cannot read {config_file}: {e}", "trainer.resume") from None
     new = _flat(config_to_dict(cfg))

@@ -2,7 +2,7 @@
 
     sync -> perturb the engine copy (AQN) -> generate (+ rollout log-probs) -> rewards
     -> old log-probs and entropy on the clean trainer copy -> group advantages
-    -> mismatch metrics (+ optional truncated importance sampling) -> PPO-clip update
+    -> mismatch metrics (+ optional rollout correction: IS weights, rejection) -> PPO-clip update
 
 The trainer's copy is never perturbed; the engine holds its own copy and the registry's
 perturbations (docs/architecture.md). What it trains with is built in ``aqn.rl.builder``;
@@ -180,8 +180,10 @@ class GRPOTrainer:
             # An unperturbed engine holds the trainer's weights and computes log-probs with the
             # same function and batching: its recompute would equal old_log_prob bit for bit,
             # so it is skipped and old_log_prob reused (one full forward pass less per step).
-            # (not for vLLM: its kernels are not the trainer's, so its recompute is a real one)
+            # (not for vLLM: its kernels are not the trainer's, so its recompute is a real one;
+            # nor for an engine cast to another rollout.dtype)
             reuse_old = (rollout.log_prob_source == "recompute" and rollout.name == "hf"
+                         and rollout.dtype in (None, cfg.actor_rollout_ref.model.dtype)
                          and not self.engine.perturbations.perturbed
                          and not self.actor_perturbations.all)
             with timer("gen"):
@@ -209,19 +211,26 @@ class GRPOTrainer:
             with timer("adv"):
                 advantages = algos.grpo_advantages(
                     rewards, batch.group_index, cfg.algorithm.norm_adv_by_std_in_grpo)
+            corr = cfg.algorithm.rollout_correction
+            correction = None  # weights and rejection once per batch (verl's decoupled mode)
+            if corr.enabled and old is not None:
+                correction = algos.rollout_correction(
+                    old.log_probs, old.log_probs if reuse_old else batch.rollout_log_probs,
+                    mask, corr)
             with timer("update_actor"):
                 update_metrics, old = self.update(step, batch, old, ref_log_probs, advantages,
-                                                  rollout_is_old=reuse_old)
+                                                  rollout_is_old=reuse_old,
+                                                  correction=correction)
             metrics.update(update_metrics)
             metrics.update(self.actor_perturbations.check_firing("training"))
             if reuse_old:
                 batch.rollout_log_probs = old.log_probs
             metrics.update(rollout_mismatch_metrics(old.log_probs, batch.rollout_log_probs, mask))
-            if cfg.algorithm.rollout_is:
-                _, is_metrics = algos.rollout_is_weights(
-                    old.log_probs, batch.rollout_log_probs, mask, cfg.algorithm.rollout_is,
-                    cfg.algorithm.rollout_is_threshold)
-                metrics.update({f"rollout_corr/{k}": v for k, v in is_metrics.items()})
+            if corr.enabled:
+                if correction is None:
+                    correction = algos.rollout_correction(
+                        old.log_probs, batch.rollout_log_probs, mask, corr)
+                metrics.update(correction.metrics)
         lengths = mask.sum(-1)
         tokens = batch.attention_mask.sum().item()
         metrics.update({
@@ -260,21 +269,25 @@ class GRPOTrainer:
         runs on the weights the old log-probs are defined on (``actor.old_log_prob: auto``)."""
         actor = self.cfg.actor_rollout_ref.actor  # ppo_mini_batch_size is resolved: prompts
         return (actor.old_log_prob == "auto" and actor.ppo_epochs == 1
-                and actor.ppo_mini_batch_size >= self.cfg.data.train_batch_size)
+                and actor.ppo_mini_batch_size >= self.cfg.data.train_batch_size
+                and not self.cfg.algorithm.rollout_correction.needs_whole_batch)
 
     def update(self, step: int, batch: RolloutBatch, old: TokenLogProbs | None,
-               ref_log_probs: Tensor | None, advantages: Tensor, rollout_is_old: bool = False
+               ref_log_probs: Tensor | None, advantages: Tensor, rollout_is_old: bool = False,
+               correction: algos.RolloutCorrection | None = None
                ) -> tuple[dict[str, float], TokenLogProbs]:
         """PPO epochs over mini- and micro-batches; returns the metrics and the old log-probs.
 
         ``old=None``: one optimizer step per batch, so each micro-batch's training forward
         gives its old log-probs (detached) and entropy in the same pass. ``rollout_is_old``:
         the rollout log-probs are the old ones (an unperturbed engine's recompute is skipped).
-        Truncated IS weights (``algorithm.rollout_is``) are computed per micro-batch: they are
-        per row, so the same bits as over the whole batch.
+        ``correction``: the batch's importance weights and loss mask (``rollout_correction``,
+        computed before the update when the old log-probs are); without it, IS weights are
+        computed per micro-batch: they are per row, so the same bits as over the whole batch.
         """
         actor = self.cfg.actor_rollout_ref.actor
-        algo = self.cfg.algorithm
+        corr = self.cfg.algorithm.rollout_correction
+        loss_mask = batch.response_mask if correction is None else correction.mask
         n = self.cfg.actor_rollout_ref.rollout.n
         temperature = self.cfg.actor_rollout_ref.rollout.temperature
         mini = actor.ppo_mini_batch_size * n  # sequences per optimizer step
@@ -291,7 +304,7 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for m in range(start, min(start + mini, total), micro):
                     sl = slice(m, m + micro)
-                    mask = batch.response_mask[sl]
+                    mask = loss_mask[sl]  # without the tokens rejection sampling rejected
                     out = response_logprobs(
                         self.policy, batch.input_ids[sl], batch.attention_mask[sl],
                         batch.response_length, temperature,
@@ -301,10 +314,12 @@ class GRPOTrainer:
                         olds.append(TokenLogProbs(out.log_probs.detach(), out.entropy.detach()))
                     old_lp = olds[-1].log_probs if old is None else old.log_probs[sl]
                     is_weights = None
-                    if algo.rollout_is:
+                    if correction is not None and correction.weights is not None:
+                        is_weights = correction.weights[sl]
+                    elif correction is None and corr.rollout_is:  # per row: the batch's bits
                         rollout_lp = old_lp if rollout_is_old else batch.rollout_log_probs[sl]
                         is_weights, _ = algos.rollout_is_weights(
-                            old_lp, rollout_lp, mask, algo.rollout_is, algo.rollout_is_threshold)
+                            old_lp, rollout_lp, mask, corr.rollout_is, corr.rollout_is_threshold)
                     pl = algos.policy_loss(
                         old_lp, out.log_probs, advantages[sl], mask,
                         actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c,
@@ -326,7 +341,7 @@ class GRPOTrainer:
                     # weight each micro-batch so the sum over them equals the mini-batch's
                     # aggregate, whatever the micro-batch size
                     (loss * _micro_weight(actor.loss_agg_mode, mask,
-                                          batch.response_mask[start:start + mini])).backward()
+                                          loss_mask[start:start + mini])).backward()
                     for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
                         sums.setdefault(f"actor/{key}", []).append(pl[key].detach().item())
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, actor.grad_clip)
@@ -486,7 +501,8 @@ def _micro_weight(mode: str, micro_mask: Tensor, mini_mask: Tensor) -> float:
         return micro_mask.sum().item() / max(1.0, mini_mask.sum().item())
     if mode == "token-sum":
         return 1.0  # micro-batch sums just add up
-    return micro_mask.shape[0] / mini_mask.shape[0]  # the seq-mean modes
+    # the seq-mean modes average over the sequences with a valid token (agg_loss)
+    return micro_mask.bool().any(-1).sum().item() / max(1, mini_mask.bool().any(-1).sum().item())
 
 
 def train(cfg: AQNConfig, lock: RunLock | None = None) -> dict[str, float]:

@@ -130,8 +130,10 @@ class VLLMEngine:
         enable_prefix_caching: bool = True,
         gpu_memory_utilization: float = 0.5,
         cpu_kv_cache_space_gib: float = 1.0,
+        dtype: str | None = None,
     ) -> None:
         """``source``: the trainer's model (its weights are the engine's first ones);
+        ``dtype``: vLLM's parameter dtype (rollout.dtype; null: the trainer's);
         ``build_perturbations``: called with vLLM's model, returns the perturbations to keep;
         ``load_quantizer``: quantizes the Linear weights each sync loads (it comes first, as
         in the registry)."""
@@ -147,7 +149,7 @@ class VLLMEngine:
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.log_prob_source = log_prob_source
         self.micro_batch_size = micro_batch_size
-        dtype = str(next(source.parameters()).dtype).removeprefix("torch.")
+        dtype = dtype or str(next(source.parameters()).dtype).removeprefix("torch.")
         self._dir = tempfile.TemporaryDirectory(prefix="aqn-vllm-")
         _save_checkpoint(source, Path(self._dir.name))
         # vLLM seeds torch's global RNG at init; the trainer's stream must not move
