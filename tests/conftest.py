@@ -37,6 +37,33 @@ def smoke(tmp_path, *overrides, name="run"):
                                  f"trainer.experiment_name={name}", *overrides])
 
 
+def values(run_dir) -> list[dict]:
+    """A run's metric rows without the timings (which differ between two runs of one config)."""
+    from aqn.rl.tracking import read_metrics
+
+    return [{k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
+            for r in read_metrics(run_dir)]
+
+
+def train_until(monkeypatch, cfg, stop: int) -> None:
+    """Train ``cfg`` and stop it with Ctrl-C as it starts step ``stop`` (0-based)."""
+    import pytest
+
+    from aqn.rl.trainer import GRPOTrainer, train
+
+    original = GRPOTrainer.step
+
+    def interrupted_at(self, step):
+        if step == stop:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(GRPOTrainer, "step", interrupted_at)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+
+
 def linear_inputs(model, quant, forward) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per Linear that ``quant`` (an ActivationQuantizer) targets: (its raw input, what the
     Linear received) in one ``forward()``: a hook added after the quantizer's sees Q(x)."""

@@ -28,16 +28,7 @@ from aqn.experiments.sweep import (
 from aqn.rl.run_dir import RunLock
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
-
-
-def smoke(root, *overrides, name="run"):
-    return load_config("smoke", [f"trainer.default_local_dir={root}",
-                                 f"trainer.experiment_name={name}", *overrides])
-
-
-def values(run_dir):
-    return [{k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
-            for r in read_metrics(run_dir)]
+from conftest import smoke, values
 
 
 def aqn(*argv, **kw) -> subprocess.Popen:
@@ -228,13 +219,20 @@ def test_a_signal_ends_training_with_one_line_and_a_resumable_run(tmp_path, sig)
     assert trainer.start_step == steps - steps % 2  # the last checkpoint, every 2 steps
 
 
-def test_sigterm_to_a_parallel_sweep_leaves_no_worker_running(tmp_path):
+def parallel_sweep(tmp_path) -> tuple[Path, subprocess.Popen, list[Path], list[int]]:
+    """A long two-run sweep on two workers, once both train: its file, process, run folders
+    and worker pids."""
     f = sweep_file(tmp_path, steps=500, variants=("a", "b"))
     proc = aqn("sweep", str(f), "--jobs", "2")
     runs = [tmp_path / "sweep" / f"{v}__seed1" for v in ("a", "b")]
     wait_for(lambda: all(metric_rows(r) >= 2 for r in runs), what="both runs to train")
     workers = children(proc.pid)
     assert len(workers) >= 2
+    return f, proc, runs, workers
+
+
+def test_sigterm_to_a_parallel_sweep_leaves_no_worker_running(tmp_path):
+    f, proc, runs, workers = parallel_sweep(tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
@@ -251,11 +249,7 @@ def test_sigterm_to_a_parallel_sweep_leaves_no_worker_running(tmp_path):
 
 
 def test_a_killed_sweep_takes_its_workers_with_it(tmp_path):
-    f = sweep_file(tmp_path, steps=500, variants=("a", "b"))
-    proc = aqn("sweep", str(f), "--jobs", "2")
-    runs = [tmp_path / "sweep" / f"{v}__seed1" for v in ("a", "b")]
-    wait_for(lambda: all(metric_rows(r) >= 1 for r in runs), what="both runs to train")
-    workers = children(proc.pid)
+    _, proc, _, workers = parallel_sweep(tmp_path)
     proc.kill()  # kill -9: no handler runs, the kernel tells the workers
     proc.wait()
     wait_for(lambda: not any(alive(w) for w in workers), timeout=10, what="the workers to end")

@@ -10,17 +10,13 @@ import shutil
 import pytest
 import torch
 
-from aqn.config import ConfigError, load_config
+from aqn.config import ConfigError
 from aqn.data import load_task
 from aqn.models import build_tiny
 from aqn.rl import trainer as trainer_module
 from aqn.rl.inputs import INPUTS_FILE, fingerprint_inputs, model_sha256
 from aqn.rl.trainer import GRPOTrainer, train
-
-
-def smoke(root, *overrides, name="run"):
-    return load_config("smoke", [f"trainer.default_local_dir={root}",
-                                 f"trainer.experiment_name={name}", *overrides])
+from conftest import smoke
 
 
 def arith(n_train=16, n_val=4):

@@ -24,7 +24,7 @@ from aqn.rl.run_dir import config_changes
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
 from aqn.token_math import masked_mean
-from conftest import peer, smoke
+from conftest import peer, smoke, train_until
 
 TIS = ["algorithm.rollout_correction.rollout_is=token"]
 AQN = ["trainer.noise_injection.enabled=true", "trainer.noise_injection.preset=small"]
@@ -169,18 +169,7 @@ def test_upgrade_stored_config_moves_the_old_keys():
 
 def test_a_run_stored_with_the_old_names_resumes_with_the_new(tmp_path, monkeypatch):
     train(smoke(tmp_path, *AQN, *TIS, name="straight"))
-    cfg = smoke(tmp_path, *AQN, *TIS, name="stopped")
-    original = GRPOTrainer.step
-
-    def crash_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(GRPOTrainer, "step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(GRPOTrainer, "step", original)
+    train_until(monkeypatch, smoke(tmp_path, *AQN, *TIS, name="stopped"), stop=3)
     config = tmp_path / "stopped" / "config.yaml"
     to_old_names(config)
     assert "rollout_is: token" in config.read_text() and "rollout_correction" not in \

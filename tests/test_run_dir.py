@@ -15,21 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from aqn.cli import main as cli_main
-from aqn.config import ConfigError, load_config
+from aqn.config import ConfigError
 from aqn.files import write_atomic
 from aqn.rl.run_dir import RunLock
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
-
-
-def smoke(root, *overrides, name="run"):
-    return load_config("smoke", [f"trainer.default_local_dir={root}",
-                                 f"trainer.experiment_name={name}", *overrides])
-
-
-def values(run_dir):
-    return [{k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
-            for r in read_metrics(run_dir)]
+from conftest import smoke, values
 
 
 def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):

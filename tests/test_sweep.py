@@ -106,11 +106,17 @@ def test_shipped_sweeps_validate_at_every_scale():
                 run_config(scaled, run, resume=False)  # raises on a bad override
     hw = at_scale(load_sweep("hw-hetero"), "smollm2")
     assert (hw.name, hw.base, list(hw.variants)) == (
-        "hw-hetero-smollm2", "smollm2-arith", ["clean", "baseline", "AQN", "AQN-TIS"])
+        "hw-hetero-smollm2", "smollm2-arith",
+        ["clean", "baseline", "AQN", "AQN-TIS", "TIS", "MIS", "FP16"])
     clean = run_config(hw, RunKey("clean", 1), resume=False).actor_rollout_ref
     base = run_config(hw, RunKey("baseline", 1), resume=False).actor_rollout_ref
     assert (clean.rollout.numerics, base.rollout.numerics) == ("reference", "npu-naive")
     assert base.model.path == "smollm2-135m-instruct"
+    fp16 = run_config(hw, RunKey("FP16", 1), resume=False)
+    mis = run_config(hw, RunKey("MIS", 1), resume=False).algorithm.rollout_correction
+    assert (fp16.actor_rollout_ref.rollout_dtype, fp16.actor_rollout_ref.rollout.numerics) == (
+        "float16", "npu-naive")
+    assert (mis.rollout_rs, mis.rollout_rs_threshold) == ("seq_mean_k1", "0.999_1.001")
     with pytest.raises(ConfigError, match="has no scale 'huge'; its scales: smollm2"):
         at_scale(load_sweep("nvfp4"), "huge")
 

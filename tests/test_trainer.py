@@ -11,14 +11,10 @@ from aqn.errors import NoTargetsError, TrainingError
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
 from aqn.rollout.base import SamplingParams
+from conftest import smoke, train_until
 
 # AQN preset "small" (K=5) over the 4 smoke steps: sigma 0 at step 0, then 0.01, 0.0046, 0.0022
 AQN = ["trainer.noise_injection.enabled=true", "trainer.noise_injection.preset=small"]
-
-
-def smoke(tmp_path, *overrides, name="run"):
-    return load_config("smoke", [f"trainer.default_local_dir={tmp_path}",
-                                 f"trainer.experiment_name={name}", *overrides])
 
 
 def record_gradients(trainer: GRPOTrainer) -> list[torch.Tensor]:
@@ -131,18 +127,7 @@ def test_run_directory_contents(tmp_path):
 def test_resume_gives_the_same_run(tmp_path, monkeypatch):
     train(smoke(tmp_path, *AQN, name="straight"))
 
-    cfg = smoke(tmp_path, *AQN, name="stopped")
-    original_step = GRPOTrainer.step
-
-    def crash_at_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original_step(self, step)
-
-    monkeypatch.setattr(GRPOTrainer, "step", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(GRPOTrainer, "step", original_step)
+    train_until(monkeypatch, smoke(tmp_path, *AQN, name="stopped"), stop=3)
     # step 3 was logged but not checkpointed (checkpoint at 2): resume redoes it
     assert [r["step"] for r in read_metrics(tmp_path / "stopped")] == [0, 1, 2, 3]
     train(smoke(tmp_path, *AQN, "trainer.resume=true", name="stopped"))

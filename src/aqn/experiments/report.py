@@ -71,11 +71,9 @@ PLOTS = {  # file -> (metric, title, x axis); accuracy comes from the validation
 # that teach nothing, clipping, length (section 3's table, at the start and end of training).
 SIGNAL_KEYS = ("critic/score/mean", "critic/acc/mean", "actor/zero_adv_frac",
                "actor/pg_clipfrac", "response_length/mean")
-MISMATCH_KEYS = (
-    "rollout_corr/abs_logp_diff_mean",
-    "rollout_corr/k3_kl",
-    "training/rollout_probs_diff_mean",
-)
+# the mismatch, and what a rollout correction did about it (a run without one shows n/a)
+MISMATCH_KEYS = (keys.ABS_LOGP_DIFF, keys.K3_KL, keys.PROBS_DIFF, keys.IS_MEAN,
+                 keys.RS_MASKED_FRACTION)
 SPEED_KEYS = ("timing_s/step", "timing_s/gen", "perf/throughput")
 # AQN noise that changes fewer elements than this is mostly swallowed by the weight dtype.
 MIN_FRAC_CHANGED = 0.5

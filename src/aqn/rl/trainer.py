@@ -29,6 +29,7 @@ from aqn import metric_keys as keys
 from aqn.config import AQNConfig, config_hash, config_to_dict
 from aqn.config.schema import ValKwargs
 from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
+from aqn.data.jsonl import load_jsonl
 from aqn.errors import ConfigError, Interrupted, TrainingError
 from aqn.files import FileError, write_atomic
 from aqn.hashing import derive_seed
@@ -36,7 +37,7 @@ from aqn.perturb import check_aqn_plan, describe_plan
 from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
 from aqn.rl.builder import build_engine, build_optimizer, build_policy, resolve_device
-from aqn.rl.checkpoint import save_checkpoint
+from aqn.rl.checkpoint import checkpoint_steps, save_checkpoint
 from aqn.rl.inputs import fingerprint_inputs, write_or_check_inputs
 from aqn.rl.run_dir import (
     RunLock,
@@ -46,7 +47,7 @@ from aqn.rl.run_dir import (
     run_dir_of,
     write_machine_info,
 )
-from aqn.rl.tracking import Tracker
+from aqn.rl.tracking import METRICS_FILE, Tracker
 from aqn.rollout.base import RolloutBatch, SamplingParams
 from aqn.rollout.forward import TokenLogProbs, response_logprobs
 from aqn.rollout.hf import logprob_batch
@@ -431,15 +432,16 @@ class GRPOTrainer:
     def fit(self) -> dict[str, float]:
         """Train to ``trainer.total_training_steps``; returns the last metrics. Ctrl-C or
         SIGTERM ends it as ``Interrupted``, saying the step reached and the last checkpoint."""
-        self.steps_done = self.start_step
-        self.last_checkpoint = self.start_step or None
         try:
             return self._loop()
         except KeyboardInterrupt as e:
-            saved = (f"last checkpoint step {self.last_checkpoint}" if self.last_checkpoint
-                     else "no checkpoint yet")
-            where = (f"at step {self.steps_done}/{self.cfg.trainer.total_training_steps} "
-                     f"({saved})")
+            # read from the run directory: the signal may land between a write and any
+            # variable that would record it
+            logged = max((r["step"] for r in load_jsonl(
+                self.run_dir / METRICS_FILE, allow_empty=True, torn_tail_ok=True)), default=0)
+            saved = checkpoint_steps(self.run_dir)
+            saved = f"last checkpoint step {saved[0][0]}" if saved else "no checkpoint yet"
+            where = f"at step {logged}/{self.cfg.trainer.total_training_steps} ({saved})"
             raise Interrupted(getattr(e, "signum", signal.SIGINT), where) from None
         finally:
             self.tracker.close()
@@ -470,17 +472,16 @@ class GRPOTrainer:
                     metrics.update(self.validate(done))
                 metrics.update(timer.timings)
             self.tracker.log(done, metrics)
-            self.steps_done = done
             if final or (t.save_freq > 0 and done % t.save_freq == 0):
                 try:
                     save_checkpoint(self.run_dir, done, self.policy, self.optimizer,
                                     {"config_hash": self.hash}, keep=t.max_actor_ckpt_to_keep)
                 except FileError as e:
                     then = ("the earlier ones are intact: make room, then trainer.resume=true"
-                            if self.last_checkpoint else "there is no earlier one to resume "
-                            f"from: make room, then delete {self.run_dir} and start again")
+                            if checkpoint_steps(self.run_dir) else "there is no earlier one "
+                            f"to resume from: make room, then delete {self.run_dir} and start "
+                            "again")
                     raise FileError(f"{e}; checkpoint {done} was not written, {then}") from e
-                self.last_checkpoint = done
             last = metrics | {k: v for k, v in last.items() if k not in metrics}
             progress = {"reward": f"{metrics[keys.SCORE_MEAN]:.3f}",
                         "acc": f"{metrics[keys.SAMPLED_ACC]:.3f}",
