@@ -120,10 +120,11 @@ def test_a_second_sweep_on_the_same_directory_is_refused_up_front(tmp_path):
 
 
 def test_three_sweeps_on_one_file_one_runs_the_others_are_refused(tmp_path):
-    f = sweep_file(tmp_path, steps=12, save_freq=4)
+    f = sweep_file(tmp_path, steps=20, save_freq=5)
     run_dir = tmp_path / "sweep" / "baseline__seed1"
     first = aqn("sweep", str(f))
-    wait_for(lambda: metric_rows(run_dir) >= 1, what="the first sweep's run to start")
+    # the others start as soon as the first holds the sweep (its lock file exists)
+    wait_for(lambda: (tmp_path / "sweep" / SWEEP_LOCK).exists(), what="the first sweep")
     others = [aqn("sweep", str(f)) for _ in range(2)]
     for other in others:
         _, err = other.communicate(timeout=120)
@@ -132,7 +133,7 @@ def test_three_sweeps_on_one_file_one_runs_the_others_are_refused(tmp_path):
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     steps = [r["step"] for r in read_metrics(run_dir)]
-    assert steps == list(range(13))  # one writer: every step once, in order
+    assert steps == list(range(21))  # one writer: every step once, in order
     assert run_status(run_dir) == "done"
 
 
@@ -203,7 +204,8 @@ def test_a_signal_ends_training_with_one_line_and_a_resumable_run(tmp_path, sig)
     args = ["smoke", f"trainer.default_local_dir={tmp_path}", "trainer.experiment_name=run",
             "trainer.total_training_steps=500", "trainer.test_freq=0", "trainer.save_freq=2"]
     proc = aqn("train", *args)
-    wait_for(lambda: metric_rows(tmp_path / "run") >= 3, what="three steps")
+    wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_2").is_dir(),
+             what="the first checkpoint")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig
@@ -215,8 +217,10 @@ def test_a_signal_ends_training_with_one_line_and_a_resumable_run(tmp_path, sig)
     assert line.endswith("; resume with: aqn train " + " ".join(args) + " trainer.resume=true")
     steps = int(line.split(" at step ")[1].split("/")[0])
     assert steps == len(read_metrics(tmp_path / "run")) - 1  # step 0 is the validation
+    saved = int(line.split("last checkpoint step ")[1].split(")")[0])
+    assert saved in (steps - steps % 2, steps - steps % 2 - 2)  # cut before or after saving
     trainer = GRPOTrainer(load_config("smoke", [*args[1:], "trainer.resume=true"]))
-    assert trainer.start_step == steps - steps % 2  # the last checkpoint, every 2 steps
+    assert trainer.start_step == saved
 
 
 def parallel_sweep(tmp_path) -> tuple[Path, subprocess.Popen, list[Path], list[int]]:
@@ -225,7 +229,8 @@ def parallel_sweep(tmp_path) -> tuple[Path, subprocess.Popen, list[Path], list[i
     f = sweep_file(tmp_path, steps=500, variants=("a", "b"))
     proc = aqn("sweep", str(f), "--jobs", "2")
     runs = [tmp_path / "sweep" / f"{v}__seed1" for v in ("a", "b")]
-    wait_for(lambda: all(metric_rows(r) >= 2 for r in runs), what="both runs to train")
+    wait_for(lambda: all((r / "checkpoints" / "step_1").is_dir() for r in runs),
+             what="both runs to save a checkpoint")
     workers = children(proc.pid)
     assert len(workers) >= 2
     return f, proc, runs, workers
