@@ -119,6 +119,7 @@ def test_a_second_sweep_on_the_same_directory_is_refused_up_front(tmp_path):
     first.release()
 
 
+@pytest.mark.slow  # several aqn processes: the slow tier, which CI runs too
 def test_three_sweeps_on_one_file_one_runs_the_others_are_refused(tmp_path):
     f = sweep_file(tmp_path, steps=20, save_freq=5)
     run_dir = tmp_path / "sweep" / "baseline__seed1"
@@ -182,6 +183,7 @@ def test_a_torn_last_metrics_line_is_dropped_when_a_checkpoint_resumes(tmp_path,
 # ------------------------------------------------------------------ a failed start
 
 
+@pytest.mark.slow  # several aqn processes: the slow tier, which CI runs too
 def test_a_failed_start_leaves_no_folder_and_the_retry_runs(tmp_path):
     empty_model = tmp_path / "model"
     empty_model.mkdir()  # exists, so the config loads; holds no model, so the start fails
@@ -253,6 +255,7 @@ def test_sigterm_to_a_parallel_sweep_leaves_no_worker_running(tmp_path):
         trainer.lock.release()
 
 
+@pytest.mark.slow  # several aqn processes: the slow tier, which CI runs too
 def test_a_killed_sweep_takes_its_workers_with_it(tmp_path):
     _, proc, _, workers = parallel_sweep(tmp_path)
     proc.kill()  # kill -9: no handler runs, the kernel tells the workers
