@@ -32,8 +32,11 @@ from conftest import smoke, values
 
 
 def aqn(*argv, **kw) -> subprocess.Popen:
+    """``aqn argv`` as a terminal would start it: with Ctrl-C's default action (a job that a
+    script starts in the background inherits SIGINT ignored, and Python keeps it so)."""
     return subprocess.Popen([sys.executable, "-m", "aqn.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def wait_for(predicate, timeout=120.0, what="condition"):
