@@ -16,9 +16,10 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, torn_tail_ok: bool = False) -> list[dict]:
+    """The metric rows; ``torn_tail_ok``: a last row cut off mid-write is left out."""
     path = run_dir / METRICS_FILE
-    return load_jsonl(path, allow_empty=True) if path.exists() else []
+    return load_jsonl(path, allow_empty=True, torn_tail_ok=torn_tail_ok) if path.exists() else []
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
@@ -35,8 +36,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
         except ValueError:
             log.warning("%s: dropping its torn last line (%d bytes, written when the run was "
                         "cut off)", path, len(tail))
-    rows = [r for r in load_jsonl(path, allow_empty=True, torn_tail_ok=True)
-            if r["step"] <= last_step]
+    rows = [r for r in read_metrics(run_dir, torn_tail_ok=True) if r["step"] <= last_step]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 

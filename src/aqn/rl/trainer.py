@@ -29,7 +29,6 @@ from aqn import metric_keys as keys
 from aqn.config import AQNConfig, config_hash, config_to_dict
 from aqn.config.schema import ValKwargs
 from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
-from aqn.data.jsonl import load_jsonl
 from aqn.errors import ConfigError, Interrupted, TrainingError
 from aqn.files import FileError, write_atomic
 from aqn.hashing import derive_seed
@@ -47,7 +46,7 @@ from aqn.rl.run_dir import (
     run_dir_of,
     write_machine_info,
 )
-from aqn.rl.tracking import METRICS_FILE, Tracker
+from aqn.rl.tracking import Tracker, read_metrics
 from aqn.rollout.base import RolloutBatch, SamplingParams
 from aqn.rollout.forward import TokenLogProbs, response_logprobs
 from aqn.rollout.hf import logprob_batch
@@ -437,8 +436,8 @@ class GRPOTrainer:
         except KeyboardInterrupt as e:
             # read from the run directory: the signal may land between a write and any
             # variable that would record it
-            logged = max((r["step"] for r in load_jsonl(
-                self.run_dir / METRICS_FILE, allow_empty=True, torn_tail_ok=True)), default=0)
+            logged = max((r["step"] for r in read_metrics(self.run_dir, torn_tail_ok=True)),
+                         default=0)
             saved = checkpoint_steps(self.run_dir)
             saved = f"last checkpoint step {saved[0][0]}" if saved else "no checkpoint yet"
             where = f"at step {logged}/{self.cfg.trainer.total_training_steps} ({saved})"
