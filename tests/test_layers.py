@@ -3,7 +3,7 @@ no two modules import each other at import time (a cycle is an ImportError in wa
 
 Imports are read from the source with ``ast`` (every ``import``/``from ... import``, also
 those inside functions), so the test sees what the code says, not what one run loaded.
-README.md ("Layers") and docs/architecture.md list the same layers.
+docs/development.md ("Layers") and docs/architecture.md list the same layers.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ MODULES = {_module_name(p): p for p in FILES}
 
 def test_every_package_has_a_layer():
     packages = {_package(m) for m in MODULES} - {"aqn"}
-    assert packages - RANK.keys() == set(), "add new packages to LAYERS (and the README)"
+    assert packages - RANK.keys() == set(), "add new packages to LAYERS (and docs/development.md)"
     assert RANK.keys() - packages <= {"integrations"}, "LAYERS names a package that is gone"
 
 
