@@ -25,7 +25,7 @@ from aqn.noise import NoiseInjectionConfig, NoiseInjector
 from aqn.noise.activation import NormOutputNoise
 from aqn.noise.schedule import EpochSchedule
 from aqn.numerics.op_noise import OpNoise, OpNoiseConfig
-from aqn.perturb import Perturbations
+from aqn.perturb import Perturbations, registered
 from aqn.quant import fake_quantize
 from aqn.quant.activation import ActivationQuantizer
 from aqn.quant.formats import clip_stats
@@ -164,10 +164,10 @@ def test_hooks_added_to_a_compiled_model_never_fire_and_the_check_says_so(tiny, 
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
         clean = compiled(X).logits  # captured before the hooks exist
-        perturbations = Perturbations([build(model)])
+        perturbations = Perturbations(registered(build(model)))
         perturbations.apply(0)
         assert torch.equal(compiled(X).logits, clean)  # the perturbation did nothing...
-    name = perturbations.all[0].name
+    name = perturbations.specs[0].name
     with pytest.raises(NotFiredError, match=f"'{name}'.*none of its hooks.*compile"):
         perturbations.check_firing("rollout")  # ...and the run stops saying so
     logits(model)  # the same perturbation on the eager model fires

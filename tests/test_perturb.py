@@ -16,7 +16,7 @@ from aqn.experiments.report import build_report
 from aqn.firing import NotFiredError
 from aqn.noise import NoiseInjectionConfig, NoiseInjector
 from aqn.noise.activation import NormOutputNoise
-from aqn.perturb import REGISTRY, SPECS, AQNNoise, build_perturbations, spec_of
+from aqn.perturb import REGISTRY, SPECS, AQNNoise, build_perturbations, registered
 from aqn.quant import WeightQuantizer
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer, train
@@ -45,8 +45,9 @@ def test_build_follows_the_config_in_registry_order(tiny):
                                 "actor_rollout_ref.rollout.quantization=int4",
                                 "trainer.noise_injection.enabled=true"])
     built = build_perturbations(model, cfg)
-    assert [p.name for p in built] == ["quant", "aqn", "activation_noise"]
-    assert [spec_of(p).kind for p in built] == ["quantization", "noise", "activation"]
+    assert [spec.name for spec, _ in built] == ["quant", "aqn", "activation_noise"]
+    assert [spec.kind for spec, _ in built] == ["quantization", "noise", "activation"]
+    assert [type(p) for _, p in built] == [WeightQuantizer, AQNNoise, NormOutputNoise]
     assert build_perturbations(model, load_config("smoke")) == []
 
 
@@ -55,20 +56,20 @@ def test_an_unregistered_perturbation_is_refused():
         name = "homemade"
 
     with pytest.raises(ValueError, match="not a registered perturbation.*homemade"):
-        Perturbations([Homemade()])
+        registered(Homemade())
 
 
 def test_validation_leaves_out_what_the_registry_declares(tiny):
     model, _ = tiny
     injector = NoiseInjector(model, NoiseInjectionConfig(
         enabled=True, sigma_start=0.05, sigma_end=0.05, num_stages=3, total_steps=10, seed=1))
-    perturbations = Perturbations([WeightQuantizer(model, "int4"), AQNNoise(injector)])
+    perturbations = Perturbations(registered(WeightQuantizer(model, "int4"), AQNNoise(injector)))
     metrics = perturbations.apply(5, validation=True)
     assert "quant/rel_l2" in metrics and not any(k.startswith("aqn/") for k in metrics)
-    assert [p.name for p in perturbations.active] == ["quant"]
+    assert [spec.name for spec, _ in perturbations.active] == ["quant"]
     metrics = perturbations.apply(5)
     assert metrics["aqn/sigma"] == 0.05 and metrics["aqn/swallowed"] == 0.0
-    assert [p.name for p in perturbations.active] == ["quant", "aqn"]
+    assert [spec.name for spec, _ in perturbations.active] == ["quant", "aqn"]
     perturbations.restore()
     assert not perturbations.perturbed
 
@@ -256,3 +257,38 @@ def test_shared_and_copied_engines_train_the_same_run(tmp_path):
         rows[share] = [{k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
                        for r in read_metrics(tmp_path / f"share-{share}")]
     assert rows["true"] == rows["false"]
+
+
+# ------------------------------------------------------- what each entry declares is true
+
+ALL_ON = ["actor_rollout_ref.rollout.activation_noise=0.05",
+          "actor_rollout_ref.rollout.activation_quantization=mxfp4",
+          "actor_rollout_ref.rollout.numerics=npu-like",
+          "actor_rollout_ref.rollout.op_noise.scale=0.05",
+          "trainer.noise_injection.enabled=true"]
+
+
+@pytest.mark.parametrize("writer", ["quantization=int4", "weight_noise.scale=0.1"])
+def test_each_entry_touches_and_writes_what_it_declares(tiny, writer):
+    """``writes_linear_weights`` (the weight-sharing engine keeps its own Linear weights for
+    those) matches what each built kernel writes, and every kernel names what it touches."""
+    model, _ = tiny
+    cfg = load_config("smoke", [*ALL_ON, f"actor_rollout_ref.rollout.{writer}"])
+    built = build_perturbations(model, cfg)
+    assert {spec.name for spec, _ in built} == {s.name for s in REGISTRY
+                                                if s.side == "rollout"} - {
+        "weight_noise" if writer.startswith("quant") else "quant"}
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    for spec, kernel in built:
+        assert spec.writes_linear_weights == bool({id(t) for t in kernel.writes()}
+                                                  & linear_weights), spec.name
+        paths = kernel.touches()
+        assert paths and all(isinstance(p, str) for p in paths), spec.name
+        known = {name for name, _ in model.named_modules()}
+        assert {p.removesuffix(".pv") for p in paths} <= known, spec.name
+
+
+def test_the_report_section_flag_replaces_a_name_check():
+    assert [s.name for s in REGISTRY if s.own_report_section] == ["aqn"]
+    assert [s.name for s in REGISTRY if s.vllm is not None] == ["quant", "aqn"]
+    assert all(s.build_load is not None for s in REGISTRY if s.vllm == "load")

@@ -305,12 +305,13 @@ def test_load_time_quantizer_streams_what_the_hf_engines_quantizer_writes(tiny):
 
 
 def test_weight_quantizer_in_the_rollout_engine(tiny):
+    from aqn.perturb import registered
     from aqn.rollout.hf import HFEngine
 
     model, tok = tiny
     trainer_copy = copy.deepcopy(model)
     engine = HFEngine(model, tok.pad_token_id, [tok.eos_token_id],
-                      perturbations=[WeightQuantizer(model, "nvfp4")])
+                      perturbations=registered(WeightQuantizer(model, "nvfp4")))
     x = torch.arange(20).unsqueeze(0)
     with torch.no_grad():
         clean_logits = model(x).logits

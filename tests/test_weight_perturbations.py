@@ -14,7 +14,13 @@ import torch
 from aqn.config import ConfigError, load_config
 from aqn.errors import NoTargetsError
 from aqn.firing import NotFiredError
-from aqn.perturb import SPECS, Perturbations, build_perturbations, describe_plan, spec_of
+from aqn.perturb import (
+    SPECS,
+    Perturbations,
+    build_perturbations,
+    check_engine_support,
+    describe_plan,
+)
 from aqn.quant import LoadTimeWeightQuantizer, WeightQuantizer, fake_quantize, select_linears
 from aqn.quant.weight_noise import WeightNoise, WeightNoiseConfig
 from aqn.rl.tracking import read_metrics
@@ -277,15 +283,23 @@ def test_weight_noise_and_quantization_are_one_or_the_other():
     assert e.value.key == f"{ROLLOUT}.weight_noise.scale"
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["weight_noise.scale=0.1"], "weight_noise.scale"),
-    (["quantization=nvfp4", "quant_error_scale=2"], "quant_error_scale"),
+@pytest.mark.parametrize("override, key", [
+    ("weight_noise.scale=0.1", "weight_noise"),
+    ("numerics=npu-like", "numerics"),
+    ("op_noise.scale=0.05", "op_noise"),
+    ("activation_noise=0.05", "activation_noise"),
+    ("activation_quantization=mxfp4", "activation_quantization"),
 ])
-def test_vllm_refuses_what_it_cannot_carry(overrides, key):
+def test_vllm_refuses_what_the_registry_says_it_cannot_carry(override, key):
+    cfg = load_config("smoke", [f"{ROLLOUT}.name=vllm", f"{ROLLOUT}.{override}"])
     with pytest.raises(ConfigError, match="not supported with name=vllm") as e:
-        load_config("smoke", [f"{ROLLOUT}.name=vllm", *(f"{ROLLOUT}.{o}" for o in overrides)])
-    assert e.value.key == f"{ROLLOUT}.{key}"
-    load_config("smoke", [f"{ROLLOUT}.name=vllm", f"{ROLLOUT}.quantization=nvfp4"])  # a = 1
+        check_engine_support(cfg)
+    assert e.value.key == f"{ROLLOUT}.{key}"  # the registry entry's config_key
+    check_engine_support(load_config("smoke", [f"{ROLLOUT}.{override}"]))  # hf carries it
+    # what vLLM carries: AQN on its modules, quantization (scaled too) in the weights it loads
+    check_engine_support(load_config("smoke", [
+        f"{ROLLOUT}.name=vllm", f"{ROLLOUT}.quantization=nvfp4", f"{ROLLOUT}.quant_error_scale=2",
+        "trainer.noise_injection.enabled=true"]))
 
 
 # -------------------------------------------------------------------------------- registry
@@ -293,18 +307,17 @@ def test_vllm_refuses_what_it_cannot_carry(overrides, key):
 def test_the_registry_builds_both_from_the_config(tiny):
     model, _ = tiny
     cfg = load_config("tiny", [f"{ROLLOUT}.quantization=nvfp4", f"{ROLLOUT}.quant_error_scale=2"])
-    [quant] = build_perturbations(model, cfg)
-    assert quant.name == "quant" and quant.error_scale == 2.0
+    [(spec, quant)] = build_perturbations(model, cfg)
+    assert spec is SPECS["quant"] and quant.error_scale == 2.0
     cfg = load_config("tiny", [*NOISE, f"{ROLLOUT}.weight_noise.distribution=uniform",
                                "trainer.seed=7"])
-    [wn] = build_perturbations(model, cfg)
+    [(spec, wn)] = build_perturbations(model, cfg)
     assert isinstance(wn, WeightNoise) and wn.seed == 7
     assert wn.config == WeightNoiseConfig(0.1, "uniform")
-    spec = spec_of(wn)
     assert (spec.kind, spec.metric_prefix, spec.config_key, spec.in_validation) == (
         "weight-noise", "weight_noise/", f"{ROLLOUT}.weight_noise", True)
     assert spec is SPECS["weight_noise"]
-    perturbations = Perturbations([wn])
+    perturbations = Perturbations([(spec, wn)])
     assert perturbations.apply(0, validation=True)["weight_noise/rel_l2"] == pytest.approx(
         0.1, rel=0.05)  # kept in validation: it models where the model runs
     assert perturbations.writes() == {id(m.weight) for _, m in select_linears(model)}

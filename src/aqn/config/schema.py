@@ -273,27 +273,8 @@ class RolloutConfig:
                               "in for quantization)", "weight_noise.scale")
 
     def _check_vllm(self) -> None:
-        # What vLLM's own modules can carry: in place on its RMSNorm weights (AQN), and weight
-        # quantization in the weights each sync loads. Its Linear layers are packed into
-        # oneDNN / CUDA kernels that Python hooks and in-place weight edits do not reach, so
-        # the hooked perturbations stay on the hf engine.
-        hooked = {"activation_quantization": self.activation_quantization is not None,
-                  "numerics": self.numerics != "reference",
-                  "op_noise": self.op_noise.enabled,
-                  "activation_noise": self.activation_noise > 0,
-                  "weight_noise.scale": self.weight_noise.enabled}
-        for key, on in hooked.items():
-            if on:
-                raise ConfigError(
-                    "is not supported with name=vllm: it acts on Linear modules (hooks or "
-                    "in-place weights) that vLLM replaces by packed kernels; run it on the "
-                    "hf engine (name=hf). AQN (trainer.noise_injection) works on vLLM's own "
-                    "RMSNorm modules, weight quantization on the weights vLLM loads", key)
-        if self.quant_error_scale != 1:  # LoadTimeWeightQuantizer takes it; aqn.rl.builder not
-            raise ConfigError("is not supported with name=vllm yet: vLLM's load-time "
-                              "quantizer is built without it, so its rollouts would hold Q(w) "
-                              "itself; run a scaled error on the hf engine (name=hf)",
-                              "quant_error_scale")
+        # Which perturbations vLLM carries is each registry entry's declaration
+        # (aqn.perturb.check_engine_support); these are the engine's own limits.
         # vLLM's sampled-token log-probs are renormalized over the top-k / top-p set; aqn
         # and verl score log_softmax(logits / T) over the whole vocabulary
         if self.top_k > 0 or self.top_p < 1:

@@ -438,12 +438,12 @@ def _aqn_layer_table(runs: dict[int, RunData]) -> list[Block]:
 
 
 def _perturbation_sections(groups: dict[str, dict[int, RunData]]) -> list[Block]:
-    """One section per registered perturbation (other than AQN, section 4) that a run logged:
-    its metrics, mean over training steps and then seeds, per variant."""
+    """One section per registered perturbation that a run logged: its metrics (unless they
+    have a section of their own: AQN's is section 4) and its proof of firing, mean over
+    training steps and then seeds, per variant."""
     blocks: list[Block] = []
     for spec in REGISTRY:
-        # AQN's own metrics are section 4; its proof of firing comes here like the others'
-        prefixes = ((f"perturb/{spec.name}/",) if spec.name == "aqn"
+        prefixes = ((f"perturb/{spec.name}/",) if spec.own_report_section
                     else (spec.metric_prefix, f"perturb/{spec.name}/"))
         found = sorted({k for runs in groups.values() for r in runs.values()
                         for row in r.training_rows() for k in row if k.startswith(prefixes)})
@@ -452,7 +452,7 @@ def _perturbation_sections(groups: dict[str, dict[int, RunData]]) -> list[Block]
         rows = [[v] + [fmt_num(training_mean(runs, k)) for k in found]
                 for v, runs in groups.items()]
         blocks += [Heading(f"4{chr(ord('a') + len(blocks) // 3)}. {spec.report_section}"),
-                   Text(("" if spec.name == "aqn" else
+                   Text(("" if spec.own_report_section else
                          f"The {spec.metric_prefix}* metrics the {spec.side} logged, and ")
                         + f"perturb/{spec.name}/*, what it touched in each step: modules, hook "
                         f"calls, elements, elements changed ({spec.kind}, {spec.config_key}; "

@@ -65,6 +65,7 @@ from aqn.errors import ConfigError, Interrupted
 from aqn.experiments.runs import dose_label
 from aqn.experiments.stats import seeds_needed
 from aqn.files import write_atomic
+from aqn.perturb import check_engine_support
 from aqn.rl.checkpoint import checkpoint_steps
 from aqn.rl.run_dir import LOCK_FILE, LockHeld, RunLock, config_changes
 
@@ -224,7 +225,7 @@ def out_dir_of(spec: SweepSpec) -> Path:
 def run_config(spec: SweepSpec, run: RunKey, resume: bool) -> AQNConfig:
     dose = [] if run.family is None else spec.doses[run.family].run_overrides(run.dose)
     try:
-        return load_config(spec.base, [
+        cfg = load_config(spec.base, [
             *spec.overrides, *spec.variants[run.variant], *dose,
             f"trainer.seed={run.seed}",
             f"trainer.default_local_dir={out_dir_of(spec)}",
@@ -232,6 +233,8 @@ def run_config(spec: SweepSpec, run: RunKey, resume: bool) -> AQNConfig:
             f"trainer.resume={str(resume).lower()}",
             "trainer.progress_bar=false",
         ])
+        check_engine_support(cfg)  # a sweep refuses it before any run starts
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{e.message} (run {run.name})", e.key) from None
 

@@ -40,6 +40,9 @@ class NormOutputNoise(HookedPerturbation):
                                   for path, module in self.targets])
         return {"act_noise/sigma": self.sigma, "act_noise/num_modules": float(len(self.targets))}
 
+    def touches(self) -> list[str]:
+        return [path for path, _ in self.targets]
+
     def _hook(self, path: str):
         def add_noise(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
             gen = torch.Generator(device=output.device)

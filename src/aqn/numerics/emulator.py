@@ -116,6 +116,9 @@ class NumericsEmulator:
     def writes(self) -> list[Tensor]:
         return []  # it replaces forwards, never weights
 
+    def touches(self) -> list[str]:
+        return [path for found in self.targets.values() for path, _ in found]
+
     def restore(self) -> None:
         """Remove every patch; the model computes exactly as before ``apply``."""
         while self._undo:

@@ -111,6 +111,9 @@ class OpNoise(HookedPerturbation):
         return {"op_noise/scale": self.config.scale,
                 "op_noise/num_modules": float(len(self.targets))}
 
+    def touches(self) -> list[str]:
+        return [path if op == "linear" else f"{path}.pv" for op, path, _ in self.targets]
+
     def _noisy(self, y: Tensor, *seed_parts: object) -> Tensor:
         gen = torch.Generator(device=y.device)
         gen.manual_seed(derive_seed(self.seed, self.step, *seed_parts))

@@ -5,10 +5,10 @@ engine is validated, the prefix of the metrics it logs, the report section that 
 and how it is built on the engine's model. The engine applies the built list in registry
 order (simulated hardware first, then the training devices); the trainer never names one.
 
-Adding a perturbation (README, "Adding a perturbation"): a kernel module in ``noise/``,
-``quant/`` or ``numerics/`` (pure PyTorch: ``refresh``, ``apply``, ``firing``, ``restore``,
-``writes``),
-its config field in ``config/schema.py``, one ``PerturbationSpec`` below, and tests.
+Adding a perturbation (docs/development.md, "Adding a perturbation"): a kernel module in ``noise/``,
+``quant/`` or ``numerics/`` (pure PyTorch: the ``Perturbation`` protocol below), its config
+field in ``config/schema.py``, one ``PerturbationSpec`` below, and tests. The spec declares
+everything the engines, the builder and the report need; nothing else names a perturbation.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from typing import Literal, Protocol
 from torch import Tensor, nn
 
 from aqn.config import AQNConfig
+from aqn.errors import ConfigError
 from aqn.firing import Firing, NotFiredError
 from aqn.hashing import derive_seed
 from aqn.noise import NoiseInjector, NoiseReport
 from aqn.noise.activation import NormOutputNoise
 from aqn.numerics import NumericsEmulator
 from aqn.numerics.op_noise import OpNoise, OpNoiseConfig
-from aqn.quant import WeightQuantizer
+from aqn.quant import LoadTimeWeightQuantizer, WeightQuantizer
 from aqn.quant.activation import ActivationQuantizer
 from aqn.quant.weight_noise import WeightNoise
 
@@ -35,9 +36,8 @@ Kind = Literal["noise", "quantization", "numerics", "activation", "matmul-output
 
 
 class Perturbation(Protocol):
-    """Applied to the engine's model after each weight sync; undone for clean use."""
-
-    name: str  # the registry entry it belongs to
+    """Applied to the engine's model after each weight sync; undone for clean use. Which
+    registry entry it serves is its spec's business (one kernel class may serve several)."""
 
     def refresh(self) -> None: ...  # new clean weights were just loaded
 
@@ -50,6 +50,8 @@ class Perturbation(Protocol):
     # The parameters it writes in place: the engine keeps its own copy of these and shares
     # every other one with the trainer, so this list must be complete (tests/test_perturb.py).
     def writes(self) -> list[Tensor]: ...
+
+    def touches(self) -> list[str]: ...  # the module paths it acts on (the plan prints them)
 
 
 class AQNNoise:
@@ -84,8 +86,16 @@ class AQNNoise:
     def writes(self) -> list[Tensor]:
         return self.injector.target_weights()
 
+    def touches(self) -> list[str]:
+        return [t.path for t in self.injector.targets]
+
 
 Side = Literal["rollout", "actor"]
+# How the vLLM engine carries a rollout perturbation: "modules", built on vLLM's own modules
+# as on the hf engine's (in place on its RMSNorm weights); "load", in the weights each sync
+# streams in (``build_load`` on the trainer's model: vLLM packs its Linear weights at load);
+# None: not at all (hooks and in-place Linear writes do not reach its packed kernels).
+VLLMSupport = Literal["modules", "load"] | None
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,17 @@ class PerturbationSpec:
     # rollout: on the engine's copy (applied after each sync); actor: on the trainer's copy,
     # in every forward and backward it runs (its metrics logged under actor/).
     side: Side = "rollout"
+    vllm: VLLMSupport = None
+    build_load: Callable[[nn.Module, AQNConfig], Perturbation] | None = None  # vllm "load"
+    # It writes the engine's Linear weights, so a weight-sharing engine keeps its own copy of
+    # them (every other Linear weight stays the trainer's tensor).
+    writes_linear_weights: bool = False
+    # Its metric_prefix metrics have a report section of their own (AQN's schedule and
+    # measured noise); the registry's per-perturbation section then shows only its firing.
+    own_report_section: bool = False
+
+    def unsupported_on(self, engine: str) -> bool:
+        return engine == "vllm" and self.side == "rollout" and self.vllm is None
 
 
 def _rollout(cfg: AQNConfig):
@@ -124,6 +145,10 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
         enabled=lambda cfg: _rollout(cfg).quantization is not None,
         build=lambda model, cfg: WeightQuantizer(
             model, _rollout(cfg).quantization,
+            error_scale=_rollout(cfg).quant_error_scale),
+        writes_linear_weights=True, vllm="load",
+        build_load=lambda source, cfg: LoadTimeWeightQuantizer(
+            source, _rollout(cfg).quantization,
             error_scale=_rollout(cfg).quant_error_scale)),
     PerturbationSpec(
         name="weight_noise", kind="weight-noise",
@@ -132,7 +157,8 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
         report_section="Weight noise of the rollout (a model of quantization error)",
         enabled=lambda cfg: _rollout(cfg).weight_noise.enabled,
         build=lambda model, cfg: WeightNoise(model, _rollout(cfg).weight_noise,
-                                             cfg.trainer.seed)),
+                                             cfg.trainer.seed),
+        writes_linear_weights=True),
     PerturbationSpec(
         name="act_quant", kind="quantization",
         config_key="actor_rollout_ref.rollout.activation_quantization",
@@ -160,7 +186,8 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
         report_section="AQN: what the injector touched each step (proof of firing)",
         enabled=lambda cfg: cfg.trainer.noise_injection.enabled,
         # built from the frozen config before any rollout: fails now if nothing matches
-        build=lambda model, cfg: AQNNoise(NoiseInjector(model, cfg.trainer.noise_injection))),
+        build=lambda model, cfg: AQNNoise(NoiseInjector(model, cfg.trainer.noise_injection)),
+        vllm="modules", own_report_section=True),
     PerturbationSpec(
         name="activation_noise", kind="activation",
         config_key="actor_rollout_ref.rollout.activation_noise",
@@ -196,27 +223,60 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
 )
 SPECS: dict[str, PerturbationSpec] = {s.name: s for s in REGISTRY}
 
+Engine = Literal["hf", "vllm"]
+Built = tuple[PerturbationSpec, Perturbation]  # a kernel and the registry entry it serves
 
-def spec_of(perturbation: Perturbation) -> PerturbationSpec:
-    """The registry entry of a built perturbation (an unregistered one is an error)."""
-    try:
-        return SPECS[perturbation.name]
-    except (KeyError, AttributeError):
-        raise ValueError(f"{type(perturbation).__name__} is not a registered perturbation "
-                         f"(name {getattr(perturbation, 'name', None)!r}; registered: "
-                         f"{', '.join(SPECS)})") from None
+
+def enabled_specs(cfg: AQNConfig, side: Side = "rollout") -> list[PerturbationSpec]:
+    """The entries of ``side`` that ``cfg`` turns on, in registry order."""
+    return [spec for spec in REGISTRY if spec.side == side and spec.enabled(cfg)]
+
+
+def check_engine_support(cfg: AQNConfig) -> None:
+    """Refuse a perturbation the configured rollout engine cannot carry (before anything is
+    built: a run must not start that would roll out without it)."""
+    engine = cfg.actor_rollout_ref.rollout.name
+    for spec in enabled_specs(cfg):
+        if spec.unsupported_on(engine):
+            raise ConfigError(
+                f"is not supported with name={engine}: it acts through Python hooks or "
+                f"in-place Linear weights, which {engine}'s packed kernels never run; run it on "
+                "the hf engine (actor_rollout_ref.rollout.name=hf). On vllm: "
+                + ", ".join(s.config_key for s in REGISTRY if s.vllm is not None),
+                spec.config_key)
 
 
 def build_perturbations(model: nn.Module, cfg: AQNConfig, side: Side = "rollout",
-                        skip: Sequence[str] = ()) -> list[Perturbation]:
-    """The perturbations of ``side`` that ``cfg`` turns on, built on ``model``, in order;
-    ``skip``: names the engine builds itself (vLLM's load-time quantization)."""
+                        engine: Engine = "hf") -> list[Built]:
+    """The perturbations of ``side`` that ``cfg`` turns on, built on ``model``, in order. On
+    the vllm engine, those it carries on its modules (``build_load`` builds the others)."""
+    check_engine_support(cfg)
+    return [(spec, spec.build(model, cfg)) for spec in enabled_specs(cfg, side)
+            if engine == "hf" or spec.vllm == "modules"]
+
+
+def build_load_perturbations(source: nn.Module, cfg: AQNConfig) -> list[Built]:
+    """The rollout perturbations a vLLM engine applies to the weights each sync streams in
+    from ``source`` (the trainer's model)."""
+    return [(spec, spec.build_load(source, cfg)) for spec in enabled_specs(cfg)
+            if spec.vllm == "load"]
+
+
+def writes_linear_weights(cfg: AQNConfig) -> bool:
+    """Whether a rollout perturbation ``cfg`` turns on writes the engine's Linear weights."""
+    return any(spec.writes_linear_weights for spec in enabled_specs(cfg))
+
+
+def registered(*kernels: Perturbation) -> list[Built]:
+    """Kernels built by hand, each for the rollout entry of its class's own ``name``."""
     built = []
-    for spec in REGISTRY:
-        if spec.side == side and spec.enabled(cfg) and spec.name not in skip:
-            perturbation = spec.build(model, cfg)
-            perturbation.name = spec.name  # one kernel class may serve several entries
-            built.append(perturbation)
+    for kernel in kernels:
+        spec = SPECS.get(getattr(kernel, "name", None))
+        if spec is None:
+            raise ValueError(f"{type(kernel).__name__} is not a registered perturbation "
+                             f"(name {getattr(kernel, 'name', None)!r}; registered: "
+                             f"{', '.join(SPECS)})")
+        built.append((spec, kernel))
     return built
 
 
@@ -228,10 +288,10 @@ class Perturbations:
     for all of them.
     """
 
-    def __init__(self, perturbations: Sequence[Perturbation] = ()) -> None:
-        self.all = list(perturbations)
-        self.specs = [spec_of(p) for p in self.all]  # an unregistered one fails here
-        self.active: list[Perturbation] = []
+    def __init__(self, built: Sequence[Built] = ()) -> None:
+        self.specs = [spec for spec, _ in built]
+        self.all = [kernel for _, kernel in built]
+        self.active: list[Built] = []
         self.step: int | None = None
 
     def refresh(self) -> None:
@@ -244,12 +304,12 @@ class Perturbations:
         """Apply them in order; ``validation`` leaves out those not declared ``in_validation``."""
         metrics: dict[str, float] = {}
         self.active = []
-        for p, spec in zip(self.all, self.specs, strict=True):
+        for spec, p in zip(self.specs, self.all, strict=True):
             if validation and not spec.in_validation:
                 continue
             metrics.update({f"actor/{k}" if spec.side == "actor" else k: v
                             for k, v in p.apply(step).items()})
-            self.active.append(p)
+            self.active.append((spec, p))
         self.step = step if self.active else None
         return metrics
 
@@ -262,10 +322,10 @@ class Perturbations:
         """What each active perturbation touched since ``apply``, as ``perturb/<name>/*``
         metrics; raises ``NotFiredError`` naming one that should have acted and did not."""
         metrics: dict[str, float] = {}
-        for p in self.active:
+        for spec, p in self.active:
             firing = p.firing()
-            firing.check(p.name, self.step, where)
-            metrics.update(firing.metrics(p.name))
+            firing.check(spec.name, self.step, where)
+            metrics.update(firing.metrics(spec.name))
         return metrics
 
     def restore(self) -> None:
@@ -289,8 +349,8 @@ def check_aqn_plan(cfg: AQNConfig, perturbations: Perturbations, step: int) -> N
     verl fork's per-layer multipliers never forwarded to the rollout workers) stop the run.
     """
     noise = cfg.trainer.noise_injection
-    for p in perturbations.active:
-        if p.name != "aqn" or p.last_report is None:
+    for spec, p in perturbations.active:
+        if spec is not SPECS["aqn"] or p.last_report is None:
             continue
         sigma = noise.sigma_schedule().sigma(step)
         for layer in p.last_report.layers:
@@ -305,30 +365,17 @@ def check_aqn_plan(cfg: AQNConfig, perturbations: Perturbations, step: int) -> N
                     "layer_multipliers that never reached it)")
 
 
-def _touches(p: Perturbation) -> list[str]:
-    """The module paths a built perturbation will touch."""
-    if isinstance(p, AQNNoise):
-        return [t.path for t in p.injector.targets]
-    if isinstance(p, OpNoise):
-        return [path if op == "linear" else f"{path}.pv" for op, path, _ in p.targets]
-    if isinstance(p, NumericsEmulator):
-        return [name for found in p.targets.values() for name, _ in found]
-    if isinstance(p, NormOutputNoise):
-        return [path for path, _ in p.targets]
-    return list(p.targets)  # the quantizers and weight noise: paths already
-
-
 def describe_plan(cfg: AQNConfig, sides: Mapping[str, Perturbations]) -> str:
     """The resolved per-step plan, printed before step 0: what each perturbation touches and,
     for AQN, the sigma of every stage and layer."""
     lines = ["perturbation plan:"]
     for side, perturbations in sides.items():
-        for p, spec in zip(perturbations.all, perturbations.specs, strict=True):
-            paths = _touches(p)
-            lines.append(f"  {side} {p.name} ({spec.config_key}; in validation: "
+        for spec, p in zip(perturbations.specs, perturbations.all, strict=True):
+            paths = p.touches()
+            lines.append(f"  {side} {spec.name} ({spec.config_key}; in validation: "
                          f"{'yes' if spec.in_validation else 'no'}): {len(paths)} modules, "
                          f"e.g. {', '.join(paths[:3])}")
-            if isinstance(p, AQNNoise):
+            if spec is SPECS["aqn"]:
                 lines += _aqn_plan(cfg, p)
     if len(lines) == 1:
         lines.append("  none: the engine rolls out the trainer's weights, unperturbed")

@@ -45,6 +45,9 @@ class ActivationQuantizer(HookedPerturbation):
                                   for path, m in self._modules.items()])
         return {"act_quant/num_modules": float(len(self.targets))}
 
+    def touches(self) -> list[str]:
+        return self.targets
+
     def _hook(self, path: str):
         def hook(module: nn.Module, args: tuple):
             x = args[0]

@@ -167,6 +167,9 @@ class LinearWeightWriter:
         """The Linear weights it writes in place."""
         return [m.weight for _, m in self._targets]
 
+    def touches(self) -> list[str]:
+        return self.targets
+
     @torch.no_grad()
     def restore(self) -> None:
         """Write the clean weights back, bit for bit."""
@@ -262,6 +265,9 @@ class LoadTimeWeightQuantizer:
 
     def writes(self) -> list[Tensor]:
         return []  # it writes nothing in the engine's model: the sync loads its values
+
+    def touches(self) -> list[str]:
+        return self.targets  # the trainer's module paths of the weights it quantizes
 
     def restore(self) -> None:
         pass  # in the loaded weights until the next sync (see the class docstring)

@@ -25,8 +25,13 @@ from aqn.models import (
     stop_token_ids,
 )
 from aqn.models.lora import apply_lora, trainable_summary
-from aqn.perturb import SPECS, Perturbations, build_perturbations
-from aqn.quant import LoadTimeWeightQuantizer, quantize_model
+from aqn.perturb import (
+    Perturbations,
+    build_load_perturbations,
+    build_perturbations,
+    writes_linear_weights,
+)
+from aqn.quant import quantize_model
 from aqn.rollout.hf import HFEngine, parameter_slots
 
 if TYPE_CHECKING:
@@ -90,9 +95,7 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine | VLLMEngine:
     # rollout.dtype set: every parameter cast to it (one the engine owns, each sync casts)
     dtype = parse_dtype(arr.rollout.dtype) if arr.rollout.dtype else None
     if arr.rollout.share_weights:
-        # the weight perturbations write the engine's Linear weights: it owns them then
-        engine_model = _sharing_copy(policy.model, own_linears=arr.rollout.quantization
-                                     is not None or arr.rollout.weight_noise.enabled,
+        engine_model = _sharing_copy(policy.model, own_linears=writes_linear_weights(cfg),
                                      dtype=dtype)
     else:
         engine_model = copy.deepcopy(policy.model)
@@ -101,11 +104,11 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine | VLLMEngine:
     if dtype is not None:
         log.info("rollout engine in %s (trainer: %s)", arr.rollout.dtype, arr.model.dtype)
     perturbations = build_perturbations(engine_model, cfg)
-    for p in perturbations:
-        log.info("rollout perturbation %s", p.name)
+    for spec, _ in perturbations:
+        log.info("rollout perturbation %s", spec.name)
     policy.perturbations = Perturbations(build_perturbations(policy.model, cfg, side="actor"))
-    for p in policy.perturbations.all:
-        log.info("trainer perturbation %s", p.name)
+    for spec in policy.perturbations.specs:
+        log.info("trainer perturbation %s", spec.name)
     engine = HFEngine(
         engine_model,
         pad_token_id=policy.tokenizer.pad_token_id,
@@ -124,17 +127,15 @@ def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
     from aqn.rollout.vllm import VLLMEngine
 
     rollout = cfg.actor_rollout_ref.rollout
-    # vLLM packs its Linear weights at load: they are quantized in the stream of each sync,
-    # selected on the trainer's model (the registry's "quant" entry, with its names)
-    quantizer = (LoadTimeWeightQuantizer(policy.model, rollout.quantization)
-                 if SPECS["quant"].enabled(cfg) else None)
     engine = VLLMEngine(
         policy.model,
         pad_token_id=policy.tokenizer.pad_token_id,
         stop_token_ids=stop_token_ids(policy.tokenizer, policy.model),
         # on vLLM's own modules (its RMSNorm class): the seed's zero-match bug fails here
-        build_perturbations=lambda model: build_perturbations(model, cfg, skip=("quant",)),
-        load_quantizer=quantizer,
+        build_perturbations=lambda model: build_perturbations(model, cfg, engine="vllm"),
+        # vLLM packs its Linear weights at load: those are perturbed in each sync's stream,
+        # selected on the trainer's model (with its module names)
+        load_perturbations=build_load_perturbations(policy.model, cfg),
         dtype=rollout.dtype,  # null: the trainer's parameter dtype
         log_prob_source=rollout.log_prob_source,
         micro_batch_size=rollout.micro_batch_size,
@@ -145,8 +146,8 @@ def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         cpu_kv_cache_space_gib=rollout.cpu_kv_cache_space_gib,
     )
-    for p in engine.perturbations.all:
-        log.info("rollout perturbation %s on vLLM's %s", p.name, type(engine.model).__name__)
+    for spec in engine.perturbations.specs:
+        log.info("rollout perturbation %s on vLLM's %s", spec.name, type(engine.model).__name__)
     # as with hf: the trainer-side ones go on the policy after the engine's copy was taken
     policy.perturbations = Perturbations(build_perturbations(policy.model, cfg, side="actor"))
     return engine

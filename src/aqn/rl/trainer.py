@@ -32,7 +32,7 @@ from aqn.data import DEFAULT_STYLE, encode_prompts, load_task
 from aqn.errors import ConfigError, Interrupted, TrainingError
 from aqn.files import FileError, write_atomic
 from aqn.hashing import derive_seed
-from aqn.perturb import check_aqn_plan, describe_plan
+from aqn.perturb import check_aqn_plan, check_engine_support, describe_plan
 from aqn.rewards import CORRECT_AT, extract_answer, get_reward_fn
 from aqn.rl import core_algos as algos
 from aqn.rl.builder import build_engine, build_optimizer, build_policy, resolve_device
@@ -119,6 +119,7 @@ class GRPOTrainer:
 
     def _build(self, cfg: AQNConfig) -> None:
         t, d = cfg.trainer, cfg.data
+        check_engine_support(cfg)  # before any data or model is loaded
         torch.manual_seed(t.seed)
 
         # Data first: a bad dataset fails before any model is loaded.

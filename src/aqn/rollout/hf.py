@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from aqn.perturb import Perturbation
+from aqn.perturb import Built
 from aqn.progress import Progress
 from aqn.rollout.base import Perturbations, RolloutBatch, SamplingParams
 from aqn.rollout.forward import TokenLogProbs, cache_kwarg, position_ids, response_logprobs
@@ -77,7 +77,7 @@ class HFEngine:
         model: nn.Module,
         pad_token_id: int,
         stop_token_ids: Sequence[int],
-        perturbations: Sequence[Perturbation] = (),
+        perturbations: Sequence[Built] = (),
         log_prob_source: Literal["recompute", "decode"] = "recompute",
         micro_batch_size: int = 64,
     ) -> None:

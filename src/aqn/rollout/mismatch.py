@@ -20,7 +20,7 @@ from torch import nn
 from aqn.data import encode_prompts, load_task
 from aqn.models import cast_parameters, load_model, parse_dtype, stop_token_ids
 from aqn.numerics import NumericsEmulator, NumericsProfile, get_profile, mismatch_report
-from aqn.perturb import Perturbation
+from aqn.perturb import Perturbation, registered
 from aqn.rollout.base import SamplingParams
 from aqn.rollout.hf import HFEngine, logprob_batch
 from aqn.token_math import rollout_mismatch_metrics
@@ -88,7 +88,7 @@ def measure_mismatch(
     perturb = build_perturbation(perturbation, engine_model, seed=seed)
     engine = HFEngine(engine_model, pad_token_id=tokenizer.pad_token_id,
                       stop_token_ids=stop_token_ids(tokenizer, model),
-                      perturbations=[perturb], micro_batch_size=micro_batch_size)
+                      perturbations=registered(perturb), micro_batch_size=micro_batch_size)
     metrics = dict(engine.perturbations.apply(step))
     try:
         t = time.perf_counter()

@@ -7,7 +7,7 @@ packed CPU Linear kernels), then the registry's perturbations act on **vLLM's ow
 AQN finds vLLM's ``RMSNorm`` by the class-name rule and writes its weights in place, which the
 norm kernel reads at every call. The prefix cache is reset before every generation, since vLLM
 would otherwise serve KV computed under other weights. What it refuses and what was measured:
-README, "vLLM as the rollout engine".
+docs/integrations.md, "vLLM as the rollout engine".
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from aqn.hashing import derive_seed
-from aqn.quant import LoadTimeWeightQuantizer
+from aqn.perturb import Built
 from aqn.rollout.base import Perturbations, RolloutBatch, SamplingParams
 from aqn.rollout.hf import left_pad
 
@@ -120,8 +120,8 @@ class VLLMEngine:
         source: nn.Module,
         pad_token_id: int,
         stop_token_ids: Sequence[int],
-        build_perturbations=None,
-        load_quantizer: LoadTimeWeightQuantizer | None = None,
+        build_perturbations: Callable[[nn.Module], list[Built]] | None = None,
+        load_perturbations: Sequence[Built] = (),
         log_prob_source: Literal["recompute", "decode"] = "decode",
         micro_batch_size: int = 64,
         max_model_len: int = 2048,
@@ -135,8 +135,8 @@ class VLLMEngine:
         """``source``: the trainer's model (its weights are the engine's first ones);
         ``dtype``: vLLM's parameter dtype (rollout.dtype; null: the trainer's);
         ``build_perturbations``: called with vLLM's model, returns the perturbations to keep;
-        ``load_quantizer``: quantizes the Linear weights each sync loads (it comes first, as
-        in the registry)."""
+        ``load_perturbations``: rewrite the weights each sync loads (``quantize(path, w)``:
+        weight quantization; they come first, as in the registry)."""
         if vllm_version() is None:
             raise ImportError(f"actor_rollout_ref.rollout.name=vllm needs vLLM: {INSTALL}")
         from vllm import LLM
@@ -166,15 +166,15 @@ class VLLMEngine:
         self.model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner \
             .get_model()
         built = build_perturbations(self.model) if build_perturbations else []
-        self.load_quantizer = load_quantizer
-        self.perturbations = Perturbations([load_quantizer, *built] if load_quantizer else built)
+        self.load_perturbations = [p for _, p in load_perturbations]
+        self.perturbations = Perturbations([*load_perturbations, *built])
 
     # -- weights ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def sync_weights(self, source: nn.Module) -> None:
         """Reload the trainer's weights (LoRA merged); perturbations take them as clean."""
-        quantize = self.load_quantizer.quantize if self.load_quantizer else None
+        quantize = self._at_load if self.load_perturbations else None
         self.llm.collective_rpc("reload_weights", kwargs={
             "weights_iterator": hf_state_dict(source, quantize), "is_checkpoint_format": True})
         lm_head = getattr(self.model, "lm_head", None)
@@ -183,6 +183,11 @@ class VLLMEngine:
             # a tied lm_head keeps its stale packed copy after a reload: re-pack it
             lm_head.quant_method.process_weights_after_loading(lm_head)
         self.perturbations.refresh()
+
+    def _at_load(self, path: str, weight: Tensor) -> Tensor:
+        for p in self.load_perturbations:
+            weight = p.quantize(path, weight)
+        return weight
 
     # -- generation ---------------------------------------------------------------------------
 
