@@ -18,9 +18,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "aqn"
 # Lowest first. A package may import packages of lower layers only; packages that share a
 # layer stay independent of each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors",),  # imports nothing from aqn: every layer may raise its errors
-    ("hashing", "modules", "machine", "token_math", "metric_keys", "configs", "files", "firing",
-     "progress"),
+    # import nothing from aqn: every layer may raise the errors and name the metrics
+    ("errors", "metric_keys"),
+    ("hashing", "modules", "machine", "token_math", "configs", "files", "firing", "progress"),
     ("noise", "quant", "numerics"),  # perturbation kernels: pure PyTorch
     ("data", "rewards"),
     ("models",),  # the tiny base is pretrained on the arith data and scored by the reward

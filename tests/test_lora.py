@@ -10,7 +10,7 @@ from aqn.config.schema import LORA_TARGETS
 from aqn.errors import ConfigError
 from aqn.models.lora import apply_lora, trainable_summary
 from aqn.noise import NoiseInjectionConfig, NoiseInjector
-from aqn.perturb import AQNNoise
+from aqn.perturb import AQNNoise, registered
 from aqn.rl.tracking import read_metrics
 from aqn.rl.trainer import GRPOTrainer
 from aqn.rollout.hf import HFEngine
@@ -56,7 +56,7 @@ def test_lora_aqn_never_accumulates_over_20_syncs(tiny, sync):
     noise = NoiseInjectionConfig(enabled=True, preset="small").resolved(total_steps=20, seed=3)
     injector = NoiseInjector(engine_model, noise)
     engine = HFEngine(engine_model, tok.pad_token_id, [tok.eos_token_id],
-                           [AQNNoise(injector)])
+                           registered(AQNNoise(injector)))
     gen = torch.Generator().manual_seed(0)
     adapters = [n for n, p in policy.named_parameters() if "lora_" in n]
     noisy_steps = 0

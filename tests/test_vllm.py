@@ -148,7 +148,7 @@ def test_vllm_noise_changes_output_and_restore_is_exact(smollm2_engines):
 @pytest.mark.vllm
 def test_vllm_sampling_is_seeded_and_recompute_matches_decode(smollm2_engines):
     policy, _, vllm_engine, prompts = smollm2_engines
-    from aqn.rollout.hf import logprob_batch
+    from aqn.rollout.forward import logprob_batch
 
     params = SamplingParams(max_new_tokens=24, n=4, temperature=1.0)
     a = vllm_engine.generate(prompts[:4], params, seed=7)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from aqn import metric_keys as keys
 from aqn.errors import NotFiredError
 
 __all__ = ["Firing", "NotFiredError"]
@@ -57,11 +58,11 @@ class Firing:
         return bool(self.modules) and self.num_changed != 0
 
     def metrics(self, name: str) -> dict[str, float]:
-        out = {f"perturb/{name}/modules": float(len(self.modules)),
-               f"perturb/{name}/calls": float(self.calls),
-               f"perturb/{name}/elements": float(self.elements)}
+        out = {keys.firing(name, "modules"): float(len(self.modules)),
+               keys.firing(name, "calls"): float(self.calls),
+               keys.firing(name, "elements"): float(self.elements)}
         if self.changed is not None:
-            out[f"perturb/{name}/elements_changed"] = float(self.num_changed)
+            out[keys.firing(name, "elements_changed")] = float(self.num_changed)
         return out
 
     def check(self, name: str, step: int | None, where: str) -> None:

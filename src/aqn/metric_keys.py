@@ -1,5 +1,8 @@
 """Metric names that one module writes and another reads, written once (verl's names where
-verl has one: ``val-core/<data_source>/acc/mean@<n>``, ``timing_s/<phase>``)."""
+verl has one: ``val-core/<data_source>/acc/mean@<n>``, ``timing_s/<phase>``).
+
+It imports nothing from aqn, so every layer may name them. A perturbation's own metrics live
+under the ``metric_prefix`` its registry entry declares (aqn.perturb)."""
 
 from __future__ import annotations
 
@@ -39,17 +42,44 @@ def timing(phase: str) -> str:
     return f"timing_s/{phase}"
 
 
-SCORE_MEAN = "critic/score/mean"
+GLOBAL_STEP = "training/global_step"
+EPOCH = "training/epoch"
+SCORE_MEAN = "critic/score/mean"  # verl calls the reward "score"
+SCORE_MAX = "critic/score/max"
+SCORE_MIN = "critic/score/min"
 SAMPLED_ACC = "critic/acc/mean"  # accuracy of the sampled completions
+ADVANTAGES_MEAN = "critic/advantages/mean"
+ADVANTAGES_MAX = "critic/advantages/max"
+ADVANTAGES_MIN = "critic/advantages/min"
 ZERO_ADV_FRAC = "actor/zero_adv_frac"
 ENTROPY = "actor/entropy"
 CLIPFRAC = "actor/pg_clipfrac"
+KL_LOSS = "actor/kl_loss"
+GRAD_NORM = "actor/grad_norm"
+LR = "actor/lr"
 RESPONSE_LENGTH = "response_length/mean"
+RESPONSE_LENGTH_MAX = "response_length/max"
+RESPONSE_LENGTH_MIN = "response_length/min"
+RESPONSE_CLIP_RATIO = "response_length/clip_ratio"  # share that hit max_response_length
+PROMPT_LENGTH = "prompt_length/mean"
+TOTAL_TOKENS = "perf/total_num_tokens"
 THROUGHPUT = "perf/throughput"
-ABS_LOGP_DIFF = "rollout_corr/abs_logp_diff_mean"
+STEP_TIME = "timing_s/step"
+GEN_TIME = "timing_s/gen"
+ABS_LOGP_DIFF = "rollout_corr/abs_logp_diff_mean"  # mean |log r| per token: the mismatch axis
+ABS_LOGP_DIFF_MAX = "rollout_corr/abs_logp_diff_max"
 K3_KL = "rollout_corr/k3_kl"
 ROLLOUT_KL = "rollout_corr/kl"  # verl's mean(-log r) over tokens
 PROBS_DIFF = "training/rollout_probs_diff_mean"
+# the mismatch probe (aqn.rollout.mismatch: `aqn numerics`, `aqn quant`)
+MISMATCH_NUM_TOKENS = "mismatch/num_tokens"
+MISMATCH_GEN_S = "mismatch/gen_s"
+
+
+def firing(name: str, what: str = "") -> str:
+    """What perturbation ``name`` touched in a step (aqn.firing): ``perturb/<name>/<what>``;
+    ``what`` empty: the prefix of them all."""
+    return f"perturb/{name}/{what}"
 
 # AQN (aqn.noise.injector writes them, the report reads them)
 AQN_STEP = "aqn/step"

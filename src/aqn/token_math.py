@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aqn import metric_keys as keys
+
 # exp(+-20) bounds every ratio computed from log-probabilities (as verl), so nothing overflows.
 LOG_RATIO_BOUND = 20.0
 
@@ -117,11 +119,11 @@ def rollout_mismatch_metrics(
     metrics = {
         "training/rollout_probs_diff_valid": 1,
         "training/rollout_probs_diff_max": probs_diff.max(),
-        "training/rollout_probs_diff_mean": probs_diff.mean(),
+        keys.PROBS_DIFF: probs_diff.mean(),
         "training/rollout_probs_diff_std": probs_diff.std(),
         "training/rollout_actor_probs_pearson_corr": pearson,
-        **{f"rollout_corr/{k}": v for k, v in {**token, **seq}.items()},
-        "rollout_corr/abs_logp_diff_mean": abs_log_r.mean(),
-        "rollout_corr/abs_logp_diff_max": abs_log_r.max(),
+        **{keys.ROLLOUT_CORR + k: v for k, v in {**token, **seq}.items()},
+        keys.ABS_LOGP_DIFF: abs_log_r.mean(),
+        keys.ABS_LOGP_DIFF_MAX: abs_log_r.max(),
     }
     return {name: float(value) for name, value in metrics.items()}

@@ -50,33 +50,28 @@ from aqn.experiments.trust import check_comparisons, check_runs
 from aqn.files import write_atomic
 from aqn.perturb import REGISTRY
 
+ACCURACY = "accuracy"  # the validation curves' own series, not a logged metric
 PLOTS = {  # file -> (metric, title, x axis); accuracy comes from the validation curves
-    "accuracy.png": ("accuracy", "Validation accuracy (%)", "validation step"),
-    "entropy.png": ("actor/entropy", "Entropy (actor/entropy)", "training step"),
-    "sigma.png": ("aqn/sigma", "AQN sigma applied (aqn/sigma)", "training step"),
-    "mismatch.png": ("rollout_corr/abs_logp_diff_mean",
-                     "Rollout-training mismatch (rollout_corr/abs_logp_diff_mean)",
-                     "training step"),
-    "reward.png": ("critic/score/mean", "Training reward (critic/score/mean)", "training step"),
-    "train_accuracy.png": ("critic/acc/mean", "Accuracy of the sampled completions "
-                           "(critic/acc/mean)", "training step"),
-    "zero_adv.png": ("actor/zero_adv_frac", "Groups with zero advantage (actor/zero_adv_frac)",
-                     "training step"),
-    "clipfrac.png": ("actor/pg_clipfrac", "PPO clip fraction (actor/pg_clipfrac)",
-                     "training step"),
-    "response_length.png": ("response_length/mean", "Response length (response_length/mean)",
-                            "training step"),
+    "accuracy.png": (ACCURACY, "Validation accuracy (%)", "validation step"),
+    **{file: (key, f"{title} ({key})", "training step") for file, (key, title) in {
+        "entropy.png": (keys.ENTROPY, "Entropy"),
+        "sigma.png": (keys.AQN_SIGMA, "AQN sigma applied"),
+        "mismatch.png": (keys.ABS_LOGP_DIFF, "Rollout-training mismatch"),
+        "reward.png": (keys.SCORE_MEAN, "Training reward"),
+        "train_accuracy.png": (keys.SAMPLED_ACC, "Accuracy of the sampled completions"),
+        "zero_adv.png": (keys.ZERO_ADV_FRAC, "Groups with zero advantage"),
+        "clipfrac.png": (keys.CLIPFRAC, "PPO clip fraction"),
+        "response_length.png": (keys.RESPONSE_LENGTH, "Response length"),
+    }.items()},
 }
 # What a user looks at first when RL does not learn: reward, accuracy of the samples, groups
 # that teach nothing, clipping, length (section 3's table, at the start and end of training).
-SIGNAL_KEYS = ("critic/score/mean", "critic/acc/mean", "actor/zero_adv_frac",
-               "actor/pg_clipfrac", "response_length/mean")
+SIGNAL_KEYS = (keys.SCORE_MEAN, keys.SAMPLED_ACC, keys.ZERO_ADV_FRAC, keys.CLIPFRAC,
+               keys.RESPONSE_LENGTH)
 # the mismatch, and what a rollout correction did about it (a run without one shows n/a)
 MISMATCH_KEYS = (keys.ABS_LOGP_DIFF, keys.K3_KL, keys.PROBS_DIFF, keys.IS_MEAN,
                  keys.RS_MASKED_FRACTION)
-SPEED_KEYS = ("timing_s/step", "timing_s/gen", "perf/throughput")
-# AQN noise that changes fewer elements than this is mostly swallowed by the weight dtype.
-MIN_FRAC_CHANGED = 0.5
+SPEED_KEYS = (keys.STEP_TIME, keys.GEN_TIME, keys.THROUGHPUT)
 _TABLE_ROWS = 10  # about this many rows in per-step tables of training metrics
 
 
@@ -224,7 +219,7 @@ def _write_plots(groups: dict[str, dict[int, RunData]], out_dir: Path) -> None:
     colors = {v: f"C{i % 10}" for i, v in enumerate(groups)}
     for file, (key, title, xlabel) in PLOTS.items():
         curves = {
-            v: [{s: 100 * a for s, a in r.accuracy.items()} if key == "accuracy"
+            v: [{s: 100 * a for s, a in r.accuracy.items()} if key == ACCURACY
                 else r.series(key) for r in runs.values()]
             for v, runs in groups.items()
         }
@@ -324,7 +319,7 @@ def _first_last(runs: dict[int, RunData], key: str) -> str:
 
 
 def _training_section(groups: dict[str, dict[int, RunData]]) -> list[Block]:
-    entropy = {v: mean_curve(r.series("actor/entropy") for r in runs.values())
+    entropy = {v: mean_curve(r.series(keys.ENTROPY) for r in runs.values())
                for v, runs in groups.items()}
     steps = sorted({s for c in entropy.values() for s in c})
     stride = max(1, math.ceil(len(steps) / _TABLE_ROWS))
@@ -341,20 +336,22 @@ def _training_section(groups: dict[str, dict[int, RunData]]) -> list[Block]:
               "zero advantage (all completions scored alike) give no gradient."),
         Table(["variant"] + [f"{k} first -> last" for k in SIGNAL_KEYS],
                [[v] + [_first_last(runs, k) for k in SIGNAL_KEYS] for v, runs in groups.items()]),
-        Image("reward.png", "critic/score/mean (thin: seeds, thick: seed mean)"),
-        Image("train_accuracy.png", "critic/acc/mean (thin: seeds, thick: seed mean)"),
-        Image("zero_adv.png", "actor/zero_adv_frac (thin: seeds, thick: seed mean)"),
-        Image("clipfrac.png", "actor/pg_clipfrac (thin: seeds, thick: seed mean)"),
-        Image("response_length.png", "response_length/mean (thin: seeds, thick: seed mean)"),
-        Text(f"actor/entropy per training step, mean over seeds (one row every {stride} "
+        *(_seed_curves(f) for f in ("reward.png", "train_accuracy.png", "zero_adv.png",
+                                    "clipfrac.png", "response_length.png")),
+        Text(f"{keys.ENTROPY} per training step, mean over seeds (one row every {stride} "
               "step(s), and the last)."),
         Table(["step"] + list(groups), entropy_rows),
-        Image("entropy.png", "actor/entropy (thin: seeds, thick: seed mean)"),
+        _seed_curves("entropy.png"),
         Text("Mismatch between the rollout and training policies: mean over training steps, "
               "then over seeds."),
         Table(["variant"] + list(MISMATCH_KEYS), mismatch_rows),
-        Image("mismatch.png", "rollout_corr/abs_logp_diff_mean (thin: seeds, thick: seed mean)"),
+        _seed_curves("mismatch.png"),
     ]
+
+
+def _seed_curves(file: str) -> Image:
+    """A per-step plot of PLOTS: one thin line per run, a thick one per variant."""
+    return Image(file, f"{PLOTS[file][0]} (thin: seeds, thick: seed mean)")
 
 
 def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -> list[Block]:
@@ -382,15 +379,15 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
         stages: dict[int, dict[str, list[float]]] = {}
         for r in runs.values():
             for row in r.training_rows():
-                if row.get("aqn/stage") is None:
+                if row.get(keys.AQN_STAGE) is None:
                     continue
-                st = stages.setdefault(int(row["aqn/stage"]), {"step": [], "sigma": [],
+                st = stages.setdefault(int(row[keys.AQN_STAGE]), {"step": [], "sigma": [],
                                                                 "eff": [], "frac": [],
                                                                 "modules": []})
                 # the schedule's step (0-based); a metrics row is logged as that step + 1
-                st["step"].append(int(row.get("aqn/step", row["step"] - 1)))
-                for name, key in (("sigma", "aqn/sigma"), ("eff", "aqn/effective_std"),
-                                  ("frac", "aqn/frac_changed"),
+                st["step"].append(int(row.get(keys.AQN_STEP, row["step"] - 1)))
+                for name, key in (("sigma", keys.AQN_SIGMA), ("eff", keys.AQN_EFFECTIVE_STD),
+                                  ("frac", keys.AQN_FRAC_CHANGED),
                                   ("modules", keys.AQN_NUM_MODULES)):
                     if row.get(key) is not None:
                         st[name].append(row[key])
@@ -406,7 +403,7 @@ def _sigma_section(groups: dict[str, dict[int, RunData]], warnings: list[str]) -
              for k, st in sorted(stages.items())],
         ))
         blocks += _aqn_layer_table(runs)
-    blocks.append(Image("sigma.png", "aqn/sigma per step (thin: seeds, thick: seed mean)"))
+    blocks.append(Image("sigma.png", f"{keys.AQN_SIGMA} per step (thin: seeds, thick: seed mean)"))
     return blocks
 
 
@@ -443,8 +440,8 @@ def _perturbation_sections(groups: dict[str, dict[int, RunData]]) -> list[Block]
     training steps and then seeds, per variant."""
     blocks: list[Block] = []
     for spec in REGISTRY:
-        prefixes = ((f"perturb/{spec.name}/",) if spec.own_report_section
-                    else (spec.metric_prefix, f"perturb/{spec.name}/"))
+        prefixes = ((keys.firing(spec.name),) if spec.own_report_section
+                    else (spec.metric_prefix, keys.firing(spec.name)))
         found = sorted({k for runs in groups.values() for r in runs.values()
                         for row in r.training_rows() for k in row if k.startswith(prefixes)})
         if not found:

@@ -117,6 +117,9 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean") -> Tensor
     return loss / mask.shape[-1] if mode == "seq-mean-token-sum-norm" else loss
 
 
+POLICY_LOSS_METRICS = ("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")  # actor/<name>
+
+
 def policy_loss(
     old_log_prob: Tensor,
     log_prob: Tensor,
@@ -436,6 +439,9 @@ class RolloutCorrection:
     weights: Tensor | None  # [B, T], detached
     mask: Tensor  # [B, T], the response mask's dtype
     metrics: dict[str, float]
+
+    def weights_of(self, rows: slice) -> Tensor | None:
+        return None if self.weights is None else self.weights[rows]
 
 
 def rollout_correction(train_log_prob: Tensor, rollout_log_prob: Tensor, mask: Tensor,

@@ -48,8 +48,7 @@ from aqn.rl.run_dir import (
 )
 from aqn.rl.tracking import Tracker, read_metrics
 from aqn.rollout.base import RolloutBatch, SamplingParams
-from aqn.rollout.forward import TokenLogProbs, response_logprobs
-from aqn.rollout.hf import logprob_batch
+from aqn.rollout.forward import TokenLogProbs, logprob_batch, response_logprobs
 from aqn.token_math import masked_mean, rollout_mismatch_metrics
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,58 @@ class Timer:
         t = time.perf_counter()
         yield
         self.timings[keys.timing(name)] = time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------- step records
+
+
+@dataclass
+class Trajectory:
+    """One step's batch, each field filled once (torchtune's ``GRPOTrajectory``): B rows
+    (prompts x rollout.n), T response tokens."""
+
+    batch: RolloutBatch  # token ids and masks; rollout_log_probs [B, T] from the engine
+    rewards: Tensor  # [B]
+    # the engine skipped its recompute, which would have equalled ``old`` to the bit
+    rollout_is_old: bool
+    advantages: Tensor | None = None  # [B], group-normalized rewards
+    ref_log_probs: Tensor | None = None  # [B, T] under the reference model (use_kl_loss)
+    # [B, T] the trainer's log-probs and entropy before the update; left None for the update's
+    # own forward to fill (one optimizer step per batch: ``old_log_prob_from_update``)
+    old: TokenLogProbs | None = None
+    # the batch's IS weights and loss mask (algorithm.rollout_correction), when ``old`` is
+    # known before the update
+    correction: algos.RolloutCorrection | None = None
+
+    def rollout_log_probs(self) -> Tensor:
+        """[B, T] the engine's log-probs of the sampled tokens (``old``'s when it skipped)."""
+        return self.old.log_probs if self.rollout_is_old else self.batch.rollout_log_probs
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """[B, T] the response mask less the tokens rejection sampling rejected."""
+        return self.batch.response_mask if self.correction is None else self.correction.mask
+
+
+@dataclass
+class UpdateStats:
+    """What an update measured (torchtune's ``GRPOStats``): 0-d tensors per micro-batch
+    (losses, clip fractions) and per optimizer step (gradient norm), kept on the device until
+    ``metrics`` reads each key once."""
+
+    lr: float
+    values: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def add(self, key: str, value: Tensor) -> None:
+        self.values.setdefault(key, []).append(value.detach())
+
+    def metrics(self) -> dict[str, float]:
+        """The mean of each key over its micro-batches or optimizer steps, and the lr."""
+        means = {}
+        for key, values in self.values.items():
+            read = torch.stack(values).tolist()
+            means[key] = sum(read) / len(read)
+        return means | {keys.LR: self.lr}
 
 
 # ----------------------------------------------------------------------------- data order
@@ -178,87 +229,86 @@ class GRPOTrainer:
             params = SamplingParams(max_new_tokens=cfg.data.max_response_length, n=rollout.n,
                                     temperature=rollout.temperature, top_p=rollout.top_p,
                                     top_k=rollout.top_k)
-            # An unperturbed engine holds the trainer's weights and computes log-probs with the
-            # same function and batching: its recompute would equal old_log_prob bit for bit,
-            # so it is skipped and old_log_prob reused (one full forward pass less per step).
-            # (not for vLLM: its kernels are not the trainer's, so its recompute is a real one;
-            # nor for an engine cast to another rollout.dtype)
-            reuse_old = (rollout.log_prob_source == "recompute" and rollout.name == "hf"
-                         and rollout.dtype in (None, cfg.actor_rollout_ref.model.dtype)
-                         and not self.engine.perturbations.perturbed
-                         and not self.actor_perturbations.all)
+            # An engine whose recompute would equal the trainer's old log-probs to the bit
+            # skips it, and the old ones stand for it (one full forward pass less per step).
+            rollout_is_old = (self.engine.recompute_is_exact(self.policy)
+                              and not self.actor_perturbations.all)
             with timer("gen"):
                 batch = self.engine.generate([self.train_prompts[i] for i in ids], params,
                                              seed=derive_seed(cfg.trainer.seed, "rollout", step),
-                                             recompute_logprobs=not reuse_old)
+                                             recompute_logprobs=not rollout_is_old)
             # proof that each one fired (raises naming one that did nothing)
             metrics.update(self.engine.perturbations.check_firing("rollout"))
             with timer("reward"):
-                texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
-                truths = [self.train_records[ids[g]]["ground_truth"] for g in batch.group_index]
-                rewards = torch.tensor([self.reward_fn(txt, gt) for txt, gt
-                                        in zip(texts, truths, strict=True)], device=self.device)
-            if not torch.isfinite(rewards).all():
-                raise TrainingError(f"non-finite reward at step {step}")
-            mask = batch.response_mask
-            old = None  # None: taken from the training forward itself (on-policy shortcut)
-            with timer("old_log_prob"):  # 0 s then: the time is in update_actor
+                rewards = self.score(batch, ids, step)
+            traj = Trajectory(batch, rewards, rollout_is_old=rollout_is_old)
+            with timer("old_log_prob"):  # 0 s when the update's forward gives them
                 if not self.old_log_prob_from_update():
-                    old = self.logprobs(self.policy, batch, with_entropy=True)
-            ref_log_probs = None
+                    traj.old = self.logprobs(self.policy, batch, with_entropy=True)
             if self.ref is not None:
                 with timer("ref"):
-                    ref_log_probs = self.logprobs(self.ref, batch).log_probs
+                    traj.ref_log_probs = self.logprobs(self.ref, batch).log_probs
             with timer("adv"):
-                advantages = algos.grpo_advantages(
+                traj.advantages = algos.grpo_advantages(
                     rewards, batch.group_index, cfg.algorithm.norm_adv_by_std_in_grpo)
             corr = cfg.algorithm.rollout_correction
-            correction = None  # weights and rejection once per batch (verl's decoupled mode)
-            if corr.enabled and old is not None:
-                correction = algos.rollout_correction(
-                    old.log_probs, old.log_probs if reuse_old else batch.rollout_log_probs,
-                    mask, corr)
+            if corr.enabled and traj.old is not None:  # once per batch (verl's decoupled mode)
+                traj.correction = algos.rollout_correction(
+                    traj.old.log_probs, traj.rollout_log_probs(), batch.response_mask, corr)
             with timer("update_actor"):
-                update_metrics, old = self.update(step, batch, old, ref_log_probs, advantages,
-                                                  rollout_is_old=reuse_old,
-                                                  correction=correction)
-            metrics.update(update_metrics)
+                stats = self.update(step, traj)
+            metrics.update(stats.metrics())
             metrics.update(self.actor_perturbations.check_firing("training"))
-            if reuse_old:
-                batch.rollout_log_probs = old.log_probs
-            metrics.update(rollout_mismatch_metrics(old.log_probs, batch.rollout_log_probs, mask))
+            metrics.update(rollout_mismatch_metrics(traj.old.log_probs, traj.rollout_log_probs(),
+                                                    batch.response_mask))
             if corr.enabled:
-                if correction is None:
-                    correction = algos.rollout_correction(
-                        old.log_probs, batch.rollout_log_probs, mask, corr)
-                metrics.update(correction.metrics)
-        lengths = mask.sum(-1)
-        tokens = batch.attention_mask.sum().item()
-        metrics.update({
-            "training/global_step": step + 1,
-            "training/epoch": self.sampler.epoch(step),
-            keys.ENTROPY: masked_mean(old.entropy, mask).item(),
-            # verl calls the reward "score"
-            keys.SCORE_MEAN: rewards.mean().item(),
-            "critic/score/max": rewards.max().item(),
-            "critic/score/min": rewards.min().item(),
-            # accuracy of the sampled completions (the reward may add format credit)
-            keys.SAMPLED_ACC: (rewards >= CORRECT_AT).float().mean().item(),
-            keys.ZERO_ADV_FRAC: algos.zero_advantage_fraction(rewards, batch.group_index),
-            "critic/advantages/mean": advantages.mean().item(),
-            "critic/advantages/max": advantages.max().item(),
-            "critic/advantages/min": advantages.min().item(),
-            keys.RESPONSE_LENGTH: lengths.mean().item(),
-            "response_length/max": lengths.max().item(),
-            "response_length/min": lengths.min().item(),
-            "response_length/clip_ratio":
-                (lengths >= cfg.data.max_response_length).float().mean().item(),
-            "prompt_length/mean": batch.prompt_mask.sum(-1).float().mean().item(),
-            **timer.timings,
-            "perf/total_num_tokens": tokens,
-            keys.THROUGHPUT: tokens / timer.timings[keys.timing("step")],
-        })
+                if traj.correction is None:  # the weights the update applied, row by row
+                    traj.correction = algos.rollout_correction(
+                        traj.old.log_probs, traj.rollout_log_probs(), batch.response_mask, corr)
+                metrics.update(traj.correction.metrics)
+        metrics.update(self.batch_metrics(step, traj, timer.timings))
         return metrics
+
+    def score(self, batch: RolloutBatch, ids: list[int], step: int) -> Tensor:
+        """[B] the reward of each completion against its prompt's ground truth."""
+        texts = self.tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+        truths = [self.train_records[ids[g]]["ground_truth"] for g in batch.group_index]
+        rewards = torch.tensor([self.reward_fn(txt, gt) for txt, gt
+                                in zip(texts, truths, strict=True)], device=self.device)
+        if not torch.isfinite(rewards).all():
+            raise TrainingError(f"non-finite reward at step {step}")
+        return rewards
+
+    def batch_metrics(self, step: int, traj: Trajectory, timings: dict[str, float]
+                      ) -> dict[str, float]:
+        """The step's batch statistics under verl's names, read off the tensors in one pass."""
+        batch, rewards, advantages = traj.batch, traj.rewards, traj.advantages
+        mask = batch.response_mask
+        lengths = mask.sum(-1)
+        tensors = {
+            keys.ENTROPY: masked_mean(traj.old.entropy, mask),
+            keys.SCORE_MEAN: rewards.mean(),  # verl calls the reward "score"
+            keys.SCORE_MAX: rewards.max(),
+            keys.SCORE_MIN: rewards.min(),
+            # accuracy of the sampled completions (the reward may add format credit)
+            keys.SAMPLED_ACC: (rewards >= CORRECT_AT).float().mean(),
+            keys.ADVANTAGES_MEAN: advantages.mean(),
+            keys.ADVANTAGES_MAX: advantages.max(),
+            keys.ADVANTAGES_MIN: advantages.min(),
+            keys.RESPONSE_LENGTH: lengths.mean(),
+            keys.RESPONSE_LENGTH_MAX: lengths.max(),
+            keys.RESPONSE_LENGTH_MIN: lengths.min(),
+            keys.RESPONSE_CLIP_RATIO:
+                (lengths >= self.cfg.data.max_response_length).float().mean(),
+            keys.PROMPT_LENGTH: batch.prompt_mask.sum(-1).float().mean(),
+            keys.TOTAL_TOKENS: batch.attention_mask.sum(),
+        }
+        read = dict(zip(tensors, torch.stack([t.double() for t in tensors.values()]).tolist(),
+                        strict=True))
+        read[keys.TOTAL_TOKENS] = tokens = int(read[keys.TOTAL_TOKENS])
+        return {keys.GLOBAL_STEP: step + 1, keys.EPOCH: self.sampler.epoch(step), **read,
+                keys.ZERO_ADV_FRAC: algos.zero_advantage_fraction(rewards, batch.group_index),
+                **timings, keys.THROUGHPUT: tokens / timings[keys.timing("step")]}
 
     def logprobs(self, model, batch: RolloutBatch, with_entropy: bool = False) -> TokenLogProbs:
         """Log-probs of a rollout batch under a trainer-side model, exactly as the engine's."""
@@ -273,31 +323,25 @@ class GRPOTrainer:
                 and actor.ppo_mini_batch_size >= self.cfg.data.train_batch_size
                 and not self.cfg.algorithm.rollout_correction.needs_whole_batch)
 
-    def update(self, step: int, batch: RolloutBatch, old: TokenLogProbs | None,
-               ref_log_probs: Tensor | None, advantages: Tensor, rollout_is_old: bool = False,
-               correction: algos.RolloutCorrection | None = None
-               ) -> tuple[dict[str, float], TokenLogProbs]:
-        """PPO epochs over mini- and micro-batches; returns the metrics and the old log-probs.
+    def update(self, step: int, traj: Trajectory) -> UpdateStats:
+        """PPO epochs over mini- and micro-batches of ``traj``.
 
-        ``old=None``: one optimizer step per batch, so each micro-batch's training forward
-        gives its old log-probs (detached) and entropy in the same pass. ``rollout_is_old``:
-        the rollout log-probs are the old ones (an unperturbed engine's recompute is skipped).
-        ``correction``: the batch's importance weights and loss mask (``rollout_correction``,
-        computed before the update when the old log-probs are); without it, IS weights are
-        computed per micro-batch: they are per row, so the same bits as over the whole batch.
+        ``traj.old`` None: one optimizer step per batch, so each micro-batch's training
+        forward gives its old log-probs (detached) and entropy in the same pass, and the update
+        fills ``traj.old`` with them. IS weights then come per micro-batch (they are per row:
+        the same bits as over the whole batch); else from ``traj.correction``.
         """
         actor = self.cfg.actor_rollout_ref.actor
         corr = self.cfg.algorithm.rollout_correction
-        loss_mask = batch.response_mask if correction is None else correction.mask
-        n = self.cfg.actor_rollout_ref.rollout.n
-        temperature = self.cfg.actor_rollout_ref.rollout.temperature
-        mini = actor.ppo_mini_batch_size * n  # sequences per optimizer step
+        batch, loss_mask = traj.batch, traj.loss_mask
+        mini = actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n  # sequences
         micro = actor.ppo_micro_batch_size
-        lr = actor.optim.lr * min(1.0, (step + 1) / max(1, actor.optim.warmup_steps))
+        from_update = traj.old is None
+        stats = UpdateStats(lr=actor.optim.lr * min(1.0, (step + 1)
+                                                    / max(1, actor.optim.warmup_steps)))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = stats.lr
         self.policy.train()
-        sums: dict[str, list[float]] = {}
         total = batch.input_ids.shape[0]
         olds: list[TokenLogProbs] = []
         for _ in range(actor.ppo_epochs):
@@ -308,33 +352,33 @@ class GRPOTrainer:
                     mask = loss_mask[sl]  # without the tokens rejection sampling rejected
                     out = response_logprobs(
                         self.policy, batch.input_ids[sl], batch.attention_mask[sl],
-                        batch.response_length, temperature,
-                        with_entropy=actor.entropy_coeff != 0 or old is None,
+                        batch.response_length, self.cfg.actor_rollout_ref.rollout.temperature,
+                        with_entropy=actor.entropy_coeff != 0 or from_update,
                         entropy_grad=actor.entropy_coeff != 0, fused_head=actor.fused_lm_head)
-                    if old is None:
+                    if from_update:
                         olds.append(TokenLogProbs(out.log_probs.detach(), out.entropy.detach()))
-                    old_lp = olds[-1].log_probs if old is None else old.log_probs[sl]
+                    old_lp = olds[-1].log_probs if from_update else traj.old.log_probs[sl]
                     is_weights = None
-                    if correction is not None and correction.weights is not None:
-                        is_weights = correction.weights[sl]
-                    elif correction is None and corr.rollout_is:  # per row: the batch's bits
-                        rollout_lp = old_lp if rollout_is_old else batch.rollout_log_probs[sl]
+                    if traj.correction is not None:
+                        is_weights = traj.correction.weights_of(sl)
+                    elif corr.rollout_is:  # from_update: per row, so the batch's bits
+                        rollout_lp = old_lp if traj.rollout_is_old else batch.rollout_log_probs[sl]
                         is_weights, _ = algos.rollout_is_weights(
                             old_lp, rollout_lp, mask, corr.rollout_is, corr.rollout_is_threshold)
                     pl = algos.policy_loss(
-                        old_lp, out.log_probs, advantages[sl], mask,
+                        old_lp, out.log_probs, traj.advantages[sl], mask,
                         actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c,
                         actor.loss_agg_mode, is_weights=is_weights)
                     loss = pl["pg_loss"]
                     if actor.entropy_coeff != 0:
                         loss = loss - actor.entropy_coeff * algos.agg_loss(
                             out.entropy, mask, actor.loss_agg_mode)
-                    if ref_log_probs is not None:
-                        kl = algos.agg_loss(algos.kl_penalty(out.log_probs, ref_log_probs[sl],
-                                                             actor.kl_loss_type),
-                                            mask, actor.loss_agg_mode)
+                    if traj.ref_log_probs is not None:
+                        kl = algos.agg_loss(algos.kl_penalty(
+                            out.log_probs, traj.ref_log_probs[sl], actor.kl_loss_type),
+                            mask, actor.loss_agg_mode)
                         loss = loss + actor.kl_loss_coef * kl
-                        sums.setdefault("actor/kl_loss", []).append(kl.item())
+                        stats.add(keys.KL_LOSS, kl)
                     if not torch.isfinite(loss):
                         raise TrainingError(
                             f"non-finite loss at step {step}; the last checkpoint in "
@@ -342,21 +386,20 @@ class GRPOTrainer:
                     # weight each micro-batch so the sum over them equals the mini-batch's
                     # aggregate, whatever the micro-batch size
                     (loss * _micro_weight(actor.loss_agg_mode, mask,
-                                          loss_mask[start:start + mini])).backward()
-                    for key in ("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
-                        sums.setdefault(f"actor/{key}", []).append(pl[key].detach().item())
+                                          loss_mask[start:start + mini]).to(loss.dtype)
+                     ).backward()
+                    for key in algos.POLICY_LOSS_METRICS:
+                        stats.add(f"actor/{key}", pl[key])
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, actor.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise TrainingError(f"non-finite gradient norm at step {step}")
-                sums.setdefault("actor/grad_norm", []).append(grad_norm.item())
+                stats.add(keys.GRAD_NORM, grad_norm)
                 self.optimizer.step()
         self.policy.eval()
-        out = {k: sum(v) / len(v) for k, v in sums.items()}
-        out["actor/lr"] = lr
-        if old is None:  # masked as logprob_batch masks them
-            old = TokenLogProbs(torch.cat([o.log_probs for o in olds]) * batch.response_mask,
-                                torch.cat([o.entropy for o in olds]))
-        return out, old
+        if from_update:  # masked as logprob_batch masks them
+            traj.old = TokenLogProbs(torch.cat([o.log_probs for o in olds]) * batch.response_mask,
+                                     torch.cat([o.entropy for o in olds]))
+        return stats
 
     # -- validation -----------------------------------------------------------------------
 
@@ -497,13 +540,16 @@ class GRPOTrainer:
         return last
 
 
-def _micro_weight(mode: str, micro_mask: Tensor, mini_mask: Tensor) -> float:
+def _micro_weight(mode: str, micro_mask: Tensor, mini_mask: Tensor) -> Tensor:
+    """The micro-batch's share of its mini-batch's aggregate, a 0-d float64 tensor (counts
+    divided in float64, so the loss sees the same number as a Python division)."""
     if mode == "token-mean":
-        return micro_mask.sum().item() / max(1.0, mini_mask.sum().item())
-    if mode == "token-sum":
-        return 1.0  # micro-batch sums just add up
-    # the seq-mean modes average over the sequences with a valid token (agg_loss)
-    return micro_mask.bool().any(-1).sum().item() / max(1, mini_mask.bool().any(-1).sum().item())
+        part, whole = micro_mask.sum(), mini_mask.sum()
+    elif mode == "token-sum":
+        return torch.ones((), dtype=torch.float64, device=micro_mask.device)  # sums just add up
+    else:  # the seq-mean modes average over the sequences with a valid token (agg_loss)
+        part, whole = micro_mask.bool().any(-1).sum(), mini_mask.bool().any(-1).sum()
+    return part.double() / whole.double().clamp(min=1.0)
 
 
 def train(cfg: AQNConfig, lock: RunLock | None = None) -> dict[str, float]:

@@ -67,3 +67,7 @@ class Engine(Protocol):
 
     def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
         """Log-probs of the batch's responses under the engine, in one forward pass."""
+
+    def recompute_is_exact(self, trainer: nn.Module) -> bool:
+        """Whether ``logprobs`` would equal the trainer's own (``logprob_batch`` on
+        ``trainer``) bit for bit right now; then the trainer skips it and reuses its own."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aqn.token_math import entropy_from_logits, log_probs_from_logits
+
+if TYPE_CHECKING:
+    from aqn.rollout.base import RolloutBatch
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -176,4 +180,20 @@ def _chunked(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels
     head = model.get_output_embeddings()  # called as a module: LoRA and patches apply
     log_probs, _, entropy = _chunk_by_chunk(lambda h: _scaled(head(h), temperature), hidden,
                                             labels, with_entropy)
+    return TokenLogProbs(log_probs, entropy)
+
+
+@torch.no_grad()
+def logprob_batch(model: nn.Module, batch: RolloutBatch, temperature: float,
+                  micro_batch_size: int, with_entropy: bool = False) -> TokenLogProbs:
+    """Response log-probs (and entropy) of a rollout batch under ``model``, masked. The engine
+    and the trainer both compute them here, in the same micro-batches, so copies with the
+    same weights agree to the bit."""
+    parts = []
+    for i in range(0, batch.input_ids.shape[0], micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        parts.append(response_logprobs(model, batch.input_ids[sl], batch.attention_mask[sl],
+                                     batch.response_length, temperature, with_entropy))
+    log_probs = torch.cat([p.log_probs for p in parts]) * batch.response_mask
+    entropy = torch.cat([p.entropy for p in parts]) if with_entropy else None
     return TokenLogProbs(log_probs, entropy)

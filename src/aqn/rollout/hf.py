@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from aqn.perturb import Built
 from aqn.progress import Progress
 from aqn.rollout.base import Perturbations, RolloutBatch, SamplingParams
-from aqn.rollout.forward import TokenLogProbs, cache_kwarg, position_ids, response_logprobs
+from aqn.rollout.forward import cache_kwarg, logprob_batch, position_ids
 from aqn.token_math import log_probs_from_logits
 
 
@@ -42,22 +42,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, T
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
     return ids, mask
-
-
-@torch.no_grad()
-def logprob_batch(model: nn.Module, batch: RolloutBatch, temperature: float,
-                  micro_batch_size: int, with_entropy: bool = False) -> TokenLogProbs:
-    """Response log-probs (and entropy) of a rollout batch under ``model``, masked. The engine
-    and the trainer both compute them here, in the same micro-batches, so copies with the
-    same weights agree to the bit."""
-    parts = []
-    for i in range(0, batch.input_ids.shape[0], micro_batch_size):
-        sl = slice(i, i + micro_batch_size)
-        parts.append(response_logprobs(model, batch.input_ids[sl], batch.attention_mask[sl],
-                                     batch.response_length, temperature, with_entropy))
-    log_probs = torch.cat([p.log_probs for p in parts]) * batch.response_mask
-    entropy = torch.cat([p.entropy for p in parts]) if with_entropy else None
-    return TokenLogProbs(log_probs, entropy)
 
 
 def parameter_slots(model: nn.Module):
@@ -148,31 +132,43 @@ class HFEngine:
         parts = [self._generate_chunk(rows[i:i + self.micro_batch_size], params, gen)
                  for i in Progress(starts, progress or "", enabled=progress is not None
                                    and len(starts) >= 2, lines=0, unit="batch", leave=False)]
-        width = max(p[2].shape[1] for p in parts)
-        prompt_width = max(p[0].shape[1] for p in parts)
+        width = max(p.response_length for p in parts)
+        prompt_width = max(p.prompt_ids.shape[1] for p in parts)
 
         def pad(t: Tensor, w: int, value, left: bool) -> Tensor:
             extra = t.new_full((t.shape[0], w - t.shape[1]), value)
             return torch.cat([extra, t] if left else [t, extra], dim=1)
 
         batch = RolloutBatch(
-            prompt_ids=torch.cat([pad(p[0], prompt_width, self.pad_token_id, True)
+            prompt_ids=torch.cat([pad(p.prompt_ids, prompt_width, self.pad_token_id, True)
                                   for p in parts]),
-            prompt_mask=torch.cat([pad(p[1], prompt_width, 0, True) for p in parts]),
-            response_ids=torch.cat([pad(p[2], width, self.pad_token_id, False) for p in parts]),
-            response_mask=torch.cat([pad(p[3], width, 0.0, False) for p in parts]),
-            rollout_log_probs=torch.cat([pad(p[4], width, 0.0, False) for p in parts]),
+            prompt_mask=torch.cat([pad(p.prompt_mask, prompt_width, 0, True) for p in parts]),
+            response_ids=torch.cat([pad(p.response_ids, width, self.pad_token_id, False)
+                                    for p in parts]),
+            response_mask=torch.cat([pad(p.response_mask, width, 0.0, False) for p in parts]),
+            rollout_log_probs=torch.cat([pad(p.rollout_log_probs, width, 0.0, False)
+                                         for p in parts]),
             group_index=group_index,
         )
         if self.log_prob_source == "recompute" and recompute_logprobs:
             batch.rollout_log_probs = self.logprobs(batch, params.temperature)
         return batch
 
+    def recompute_is_exact(self, trainer: nn.Module) -> bool:
+        """Whether this engine's log-prob pass equals ``logprob_batch`` on ``trainer`` to the
+        bit: it recomputes with that very function and micro-batching, and holds the
+        trainer's weights (synced, nothing applied) in the trainer's dtypes."""
+        return (self.log_prob_source == "recompute" and not self.perturbations.perturbed
+                and [p.dtype for p in self.model.parameters()]
+                == [p.dtype for p in trainer.parameters()])
+
     def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
         """Log-probs of the batch's responses under the engine, in one full forward pass."""
         return logprob_batch(self.model, batch, temperature, self.micro_batch_size).log_probs
 
-    def _generate_chunk(self, prompts, params: SamplingParams, gen: torch.Generator):
+    def _generate_chunk(self, prompts, params: SamplingParams, gen: torch.Generator
+                        ) -> RolloutBatch:
+        """One micro-batch of rows, as a batch of its own (its rows' groups: ``generate``'s)."""
         prompt_ids, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
         batch = prompt_ids.shape[0]
         cache = None
@@ -203,5 +199,6 @@ class HFEngine:
             inputs = token.unsqueeze(1)
             attention = torch.cat([attention, attention.new_ones((batch, 1))], 1)
             positions = positions[:, -1:] + 1
-        return (prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1),
-                torch.stack(log_probs, 1))
+        return RolloutBatch(prompt_ids, prompt_mask, response_ids=torch.stack(tokens, 1),
+                            response_mask=torch.stack(masks, 1),
+                            rollout_log_probs=torch.stack(log_probs, 1), group_index=[])

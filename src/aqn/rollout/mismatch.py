@@ -17,12 +17,14 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from aqn import metric_keys as keys
 from aqn.data import encode_prompts, load_task
 from aqn.models import cast_parameters, load_model, parse_dtype, stop_token_ids
 from aqn.numerics import NumericsEmulator, NumericsProfile, get_profile, mismatch_report
 from aqn.perturb import Perturbation, registered
 from aqn.rollout.base import SamplingParams
-from aqn.rollout.hf import HFEngine, logprob_batch
+from aqn.rollout.forward import logprob_batch
+from aqn.rollout.hf import HFEngine
 from aqn.token_math import rollout_mismatch_metrics
 
 # A numerics profile (name or object), or a function building a perturbation on the model
@@ -104,19 +106,19 @@ def measure_mismatch(
     mask = batch.response_mask
     metrics.update({
         "mismatch/num_sequences": float(mask.shape[0]),
-        "mismatch/num_tokens": float(mask.sum()),
+        keys.MISMATCH_NUM_TOKENS: float(mask.sum()),
         "mismatch/response_length_mean": float(mask.sum(-1).mean()),
-        "mismatch/gen_s": gen_s,
+        keys.MISMATCH_GEN_S: gen_s,
     })
     return metrics
 
 
 def report_mismatch(metrics: dict[str, float], label: str) -> str:
     """``mismatch_report`` fed from ``measure_mismatch``'s metrics."""
-    return mismatch_report(metrics["rollout_corr/abs_logp_diff_mean"], label=label,
-                           max_abs_logp_diff=metrics["rollout_corr/abs_logp_diff_max"],
-                           k3_kl=metrics["rollout_corr/k3_kl"],
-                           num_tokens=int(metrics["mismatch/num_tokens"]))
+    return mismatch_report(metrics[keys.ABS_LOGP_DIFF], label=label,
+                           max_abs_logp_diff=metrics[keys.ABS_LOGP_DIFF_MAX],
+                           k3_kl=metrics[keys.K3_KL],
+                           num_tokens=int(metrics[keys.MISMATCH_NUM_TOKENS]))
 
 
 def _profile_as(profile: str | NumericsProfile, precision: str) -> NumericsProfile:

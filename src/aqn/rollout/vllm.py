@@ -235,6 +235,9 @@ class VLLMEngine:
         return batch
 
     @torch.no_grad()
+    def recompute_is_exact(self, trainer: nn.Module) -> bool:
+        return False  # its kernels are not the trainer's: its recompute is a real measurement
+
     def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
         """Log-probs of the batch's responses under the engine, by scoring each finished
         sequence as a prompt (vLLM's prompt log-probs, which are at temperature 1)."""
