@@ -110,3 +110,106 @@ def test_a_bug_keeps_its_traceback_a_users_mistake_is_one_line(monkeypatch, caps
     assert err == ["aqn inspect: error: model 'nosuch' is neither a built-in (tiny, tiny-base, "
                    "smollm2-135m-instruct), a local directory, nor a hub id of the form "
                    "owner/name"]
+
+
+# ----------------------------------------------------------------------- aqn config
+
+
+def test_config_explain_prints_one_key(capsys):
+    from aqn.quant import FORMATS
+
+    assert main(["config", "explain", "actor_rollout_ref.rollout.quantization"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("actor_rollout_ref.rollout.quantization\n  type:    str | null\n")
+    assert f"choices: {', '.join(FORMATS)}, null" in out and "verl:" in out
+    assert "fake weight quantization" in out  # the doc under the field
+    assert main(["config", "explain", "trainer.noise_injection.sigma_strat"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean trainer.noise_injection.sigma_start" in err[0]
+
+
+def test_config_show_prints_the_resolved_config_with_its_docs(tmp_path, capsys):
+    from aqn.config import config_hash, load_config
+
+    assert main(["config", "show", "smoke", "aqn=mild", "trainer.seed=3"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config("smoke", ["aqn=mild", "trainer.seed=3"])
+    assert out.startswith("# aqn config show smoke aqn=mild trainer.seed=3: the config "
+                          f"'aqn train smoke aqn=mild trainer.seed=3' runs, resolved (hash "
+                          f"{config_hash(cfg)})\n")
+    assert "  # Seeds model init, data order, sampling" in out and "  seed: 3  # default: 1" in out
+    assert "    sigma_start: 0.025  # default: null" in out  # filled by the preset
+    (tmp_path / "shown.yaml").write_text(out)
+    assert config_hash(load_config(tmp_path / "shown.yaml")) == config_hash(cfg)
+    # no config named: what `aqn train` runs by default; an override first is an override
+    assert main(["config", "show", "trainer.seed=4"]) == 0
+    assert "the config 'aqn train tiny trainer.seed=4' runs" in capsys.readouterr().out
+    assert main(["config", "show", "smoke", "trainer.sed=4"]) == 2
+    assert "did you mean 'seed'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "sweep"])
+def test_the_commands_that_take_config_keys_point_to_aqn_config(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "aqn config show" in text and "aqn config explain KEY" in text
+
+
+# ------------------------------------------------------------------ thin commands
+
+
+def test_quant_prints_the_error_table(capsys):
+    assert main(["quant", "--model", "tiny", "--format", "int4", "--layers", "--mismatch",
+                 "--prompts", "2", "--new-tokens", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.lstrip().startswith("format"))
+    assert out[header - 1] == ("tiny (float32): fake weight quantization of every Linear but "
+                               "lm_head and embeddings")
+    assert out[header].split() == ["format", "layers", "rel", "L2", "%", "SQNR", "dB", "mean",
+                                   "|dlogp|", "max", "|dlogp|", "k3", "KL"]
+    row = out[header + 2].split()
+    assert row[0] == "int4" and int(row[1]) > 0 and 0 < float(row[2]) < 100
+    assert header > 2  # the per-layer table came first
+
+
+def test_scan_without_a_format_or_profile_is_one_line(capsys):
+    assert main(["scan", "--model", "tiny"]) == 2
+    assert capsys.readouterr().err.strip() == ("aqn scan: error: give one of --format or "
+                                               "--profile")
+
+
+# ------------------------------------------------------------------ trainer.logger
+
+
+def _tracker(tmp_path, loggers, progress_bar=True):
+    from aqn.rl.tracking import Tracker
+
+    return Tracker(tmp_path, loggers, "aqn", "run", {"trainer": {"progress_bar": progress_bar}})
+
+
+def test_console_logger_prints_each_validation_and_jsonl_is_always_written(tmp_path, capsys):
+    from aqn.rl.tracking import read_metrics
+
+    validation = {"val-core/arith/acc/mean@1": 0.25, "val-core/arith/reward/mean@1": 0.25,
+                  "val-aux/arith/acc/pass@4": 0.5, "critic/score/mean": 0.1}
+    console = _tracker(tmp_path / "a", ["console"])
+    (tmp_path / "a").mkdir()
+    console.log(1, {"critic/score/mean": 0.1})  # a step without validation: no line
+    console.log(2, validation | {"val-clean/arith/acc/mean@1": 0.5})
+    assert capsys.readouterr().err.splitlines() == [
+        "validation at step 2: val-clean/arith/acc/mean@1 0.5, val-core/arith/acc/mean@1 0.25, "
+        "val-core/arith/reward/mean@1 0.25"]
+    assert [r["step"] for r in read_metrics(tmp_path / "a")] == [1, 2]  # jsonl not listed
+    for loggers, progress_bar in ((["jsonl"], True), (["console", "jsonl"], False)):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        _tracker(tmp_path / "b", loggers, progress_bar).log(2, validation)
+        assert capsys.readouterr().err == ""
+
+
+def test_console_logger_in_a_training_run(tmp_path, capsys):
+    assert main(["train", "smoke", f"trainer.default_local_dir={tmp_path}",
+                 "trainer.total_training_steps=2", "trainer.progress_bar=true"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("validation at")]
+    assert [x.split(":")[0] for x in lines] == ["validation at step 0", "validation at step 2"]
+    assert "val-core/arith/acc/mean@1" in lines[0]

@@ -29,6 +29,8 @@ GRPO post-training with Adaptive Quantization Noise, and the experiments that te
   aqn train tiny trainer.noise_injection.enabled=true    a run (dotted overrides)
   aqn sweep --preset demo --jobs 2 --report               variants x seeds, with a report
   aqn report runs/sweeps/demo                             tables, significance, plots
+  aqn config show tiny                                    the resolved config, each key's doc
+  aqn config explain trainer.noise_injection.sigma_start  one key: type, default, choices
 
 Flags and dotted overrides may come in any order; 'aqn COMMAND --help' lists a command's."""
 
@@ -48,6 +50,20 @@ def _choices() -> dict[str, tuple[str, ...]]:
     return {"dtype": tuple(DTYPES), "preset": tuple(PRESETS), "exponent": EXPONENTS,
             "profile": tuple(PROFILES), "precision": PROFILE_PRECISIONS, "format": tuple(FORMATS),
             "distribution": get_args(hints["distribution"]), "mode": get_args(hints["mode"])}
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` > 0 (a bad one is argparse's one-line error)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -112,8 +128,9 @@ def _add_probe_args(p: argparse.ArgumentParser, float16: bool = False) -> None:
     p.add_argument("--model", default="tiny-base")
     p.add_argument("--dtype", default="float32", help="the model's (trainer's) dtype",
                    choices=[d for d in _choices()["dtype"] if float16 or d != "float16"])
-    p.add_argument("--prompts", type=int, default=16, help="arith test prompts (default 16)")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=_positive(int), default=16,
+                   help="arith test prompts (default 16)")
+    p.add_argument("--new-tokens", type=_positive(int), default=64)
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
@@ -168,12 +185,28 @@ def cmd_noise_check(args: argparse.Namespace) -> None:
               "--fp32-targets (trainer.noise_injection.fp32_targets=true) keeps it.")
 
 
+DEFAULT_CONFIG = "tiny"  # the preset aqn train and aqn config show take when given none
+CONFIG_KEYS = ("Config keys: 'aqn config show [CONFIG] [overrides]' prints the resolved config "
+               "with each key's doc; 'aqn config explain KEY' prints one key's type, default, "
+               "choices, doc and verl name.")
+
+
+def _config_first_override(args: argparse.Namespace) -> None:
+    """``aqn train trainer.seed=2``: an override where the config goes (no such file) joins
+    the overrides, and the default preset stays."""
+    if "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config, *args.overrides]
+        args.config = DEFAULT_CONFIG
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from aqn import metric_keys as keys
     from aqn.config import load_config
     from aqn.rl.checkpoint import checkpoint_steps
     from aqn.rl.run_dir import run_dir_of
     from aqn.rl.trainer import train
 
+    _config_first_override(args)
     cfg = load_config(args.config, args.overrides)
     try:
         final = train(cfg)
@@ -186,10 +219,24 @@ def cmd_train(args: argparse.Namespace) -> None:
             e.hint = (f"no checkpoint was written, nothing to resume: delete {run_dir_of(cfg)} "
                       "and start again")
         raise
-    print(json.dumps({k: v for k, v in final.items() if k.startswith(("val-core/", "aqn/sigma",
-                                                                       "critic/score/mean"))},
+    print(json.dumps({k: v for k, v in final.items()
+                      if keys.VAL_CORE.fullmatch(k) or k in (keys.AQN_SIGMA, keys.SCORE_MEAN)},
                      indent=1))
     print(f"run directory: {run_dir_of(cfg)}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from aqn.config import config_hash, load_config
+    from aqn.config.docs import explain, render
+
+    if args.action == "explain":
+        print(explain(args.key))
+        return
+    _config_first_override(args)
+    cfg = load_config(args.config, args.overrides)
+    given = shlex.join([args.config, *args.overrides])
+    print(render(cfg, f"aqn config show {given}: the config 'aqn train {given}' runs, "
+                      f"resolved (hash {config_hash(cfg)})"), end="")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -215,6 +262,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_numerics(args: argparse.Namespace) -> None:
+    from aqn import metric_keys as keys
     from aqn.rollout.mismatch import numerics_check, numerics_table
 
     kwargs = dict(num_prompts=args.prompts, dtype=args.dtype, max_new_tokens=args.new_tokens,
@@ -228,76 +276,37 @@ def cmd_numerics(args: argparse.Namespace) -> None:
         print(json.dumps({"label": label, "rows": rows}, indent=1))
         return
     print(label)
-    print(_table(["profile", "casts", "mean |dlogp|", "max |dlogp|", "rollout_corr/kl",
+    print(_table(["profile", "casts", "mean |dlogp|", "max |dlogp|", keys.ROLLOUT_KL,
                   "k3 KL", "tokens", "gen s"],
-                 [(r["profile"], r["precision"], f"{r['rollout_corr/abs_logp_diff_mean']:.4g}",
-                   f"{r['rollout_corr/abs_logp_diff_max']:.3g}", f"{r['rollout_corr/kl']:.3g}",
-                   f"{r['rollout_corr/k3_kl']:.3g}", int(r["mismatch/num_tokens"]),
-                   f"{r['mismatch/gen_s']:.1f}") for r in rows]))
+                 [(r["profile"], r["precision"], f"{r[keys.ABS_LOGP_DIFF]:.4g}",
+                   f"{r[keys.ABS_LOGP_DIFF_MAX]:.3g}", f"{r[keys.ROLLOUT_KL]:.3g}",
+                   f"{r[keys.K3_KL]:.3g}", int(r[keys.MISMATCH_NUM_TOKENS]),
+                   f"{r[keys.MISMATCH_GEN_S]:.1f}") for r in rows]))
 
 
 def cmd_scan(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from aqn.experiments.scan import run_scan, table
 
-    from aqn.experiments.scan import scan_model, table, write_scan
-    from aqn.models import load_model
-    from aqn.rollout.hf import left_pad
-    from aqn.rollout.mismatch import probe_prompts, probe_wording
-
-    if (args.format is None) == (args.profile is None):
-        raise ConfigError("give one of --format or --profile")
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    prompts = probe_prompts(tokenizer, args.prompts, args.seed, probe_wording(args.model))
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    rows = scan_model(model, ids, mask, fmt=args.format, profile=args.profile,
-                      activations=args.activations)
-    what = args.profile or (f"{args.format} W4A4" if args.activations else f"{args.format} "
-                            "weights")
-    label = (f"{args.model} ({args.dtype}) under {what}: {len(prompts)} probe prompts, "
-             f"{int(mask.sum())} tokens")
-    name = (args.profile or args.format) + ("-w4a4" if args.activations else "")
-    out = Path(args.out or Path("runs") / "scan" / f"{Path(args.model).name}-{name}")
-    files = write_scan(out, rows, label, {"model": args.model, "dtype": args.dtype,
-                                          "format": args.format, "profile": args.profile,
-                                          "activations": args.activations,
-                                          "prompts": len(prompts), "seed": args.seed})
-    print(label)
-    print(table(rows))
-    print("wrote " + ", ".join(str(f) for f in files)
-          + f"\nuse: trainer.noise_injection.layer_multipliers={out / 'multipliers.json'}")
+    scan = run_scan(args.model, args.dtype, fmt=args.format, profile=args.profile,
+                    activations=args.activations, num_prompts=args.prompts, seed=args.seed,
+                    out_dir=args.out)
+    print(scan.label)
+    print(table(scan.rows))
+    print("wrote " + ", ".join(str(f) for f in scan.files)
+          + f"\nuse: trainer.noise_injection.layer_multipliers={scan.multipliers_file}")
 
 
 def cmd_quant(args: argparse.Namespace) -> None:
-    import copy
+    from aqn.experiments.quant import quant_errors
 
-    from aqn.models import load_model
-    from aqn.quant import FORMATS, WeightQuantizer, quantize_model
-    from aqn.rollout.mismatch import measure_mismatch, probe_prompts, probe_wording
-
-    formats = FORMATS if args.format == "all" else (args.format,)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    prompts = (probe_prompts(tokenizer, args.prompts, wording=probe_wording(args.model))
-               if args.mismatch else None)
-    rows = []
-    for fmt in formats:
-        report = quantize_model(copy.deepcopy(model), fmt)
-        if args.layers:
-            print(report.table() + "\n")
-        row = [fmt, len(report.layers), f"{100 * report.rel_l2:.2f}",
-               f"{report.sqnr_db:.2f}"]
-        if prompts is not None:
-            m = measure_mismatch(model, tokenizer, prompts,
-                                 lambda engine_model, fmt=fmt: WeightQuantizer(engine_model, fmt),
-                                 max_new_tokens=args.new_tokens)
-            row += [f"{m['rollout_corr/abs_logp_diff_mean']:.4f}",
-                    f"{m['rollout_corr/abs_logp_diff_max']:.3f}", f"{m['rollout_corr/k3_kl']:.2e}"]
-        rows.append(row)
-    header = ["format", "layers", "rel L2 %", "SQNR dB"]
-    if prompts is not None:
-        header += ["mean |dlogp|", "max |dlogp|", "k3 KL"]
-    print(f"{args.model} ({args.dtype}): fake weight quantization of every Linear but lm_head "
-          "and embeddings")
-    print(_table(header, rows))
+    formats = _choices()["format"] if args.format == "all" else (args.format,)
+    result = quant_errors(args.model, args.dtype, formats, mismatch=args.mismatch,
+                          num_prompts=args.prompts, max_new_tokens=args.new_tokens)
+    if args.layers:
+        for f in result.formats:
+            print(f.layer_table + "\n")
+    print(result.label)
+    print(_table(result.header, result.rows))
 
 
 def cmd_pretrain_tiny(args: argparse.Namespace) -> None:
@@ -428,17 +437,43 @@ def _args_pretrain_tiny(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_pretrain_tiny)
 
 
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
+    from aqn.configs import preset_names
+
+    p.add_argument("config", nargs="?" if default else None, default=default,
+                   help=f"a YAML file or a preset ({', '.join(preset_names())})"
+                   + f"; default: {default}" * bool(default))
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.seed=2 (see "
+                   "aqn config show / aqn config explain KEY)")
+    p.epilog = CONFIG_KEYS
+
+
 def _args_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default="tiny",
-                   help="a YAML file or a preset (smoke, tiny, smollm2-arith, smollm2-gsm8k, "
-                   "seed-qwen2.5-1.5b-gsm8k; default: tiny)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.seed=2")
+    _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
 
+def _args_config(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="{show,explain}")
+    show = sub.add_parser(
+        "show", help="the resolved config, each key's doc above it",
+        description="Print the config 'aqn train' runs with the same arguments, resolved "
+        "(presets, overrides and the values resolving fills), as YAML with each key's doc "
+        "above it and '# default: ...' beside a value that is not the default. The output "
+        "loads back as a config file.")
+    _add_config_args(show)
+    show.epilog = "One key in full: aqn config explain KEY."
+    explain = sub.add_parser(
+        "explain", help="one key: type, default, choices, doc, verl and TRL names",
+        description="Print one config key's type, default, choices, doc and the name verl "
+        "and TRL give it; a section prints its doc and its keys.")
+    explain.add_argument("key", help="a dotted key, e.g. trainer.noise_injection.sigma_start "
+                         "(or a section, e.g. trainer.noise_injection)")
+    p.set_defaults(func=cmd_config)
+
+
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML file or a preset")
-    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    _add_config_args(p, default=None)
     p.add_argument("--pass-k", type=int, metavar="K",
                    help="also sample K completions per prompt at the rollout temperature: "
                    "pass@K, mean@K and the fraction of groups with zero advantage")
@@ -450,17 +485,18 @@ def _args_sweep(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
     p.add_argument("--preset", help="a shipped sweep: " + ", ".join(sweep_presets()))
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
+    p.add_argument("--jobs", type=_positive(int), default=1, help="runs in parallel (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the file's")
     p.add_argument("--scale", help="one of the sweep's larger set-ups (e.g. smollm2: hours "
                    "on a CPU); runs go to runs/sweeps/<name>-<scale>")
     p.add_argument("--report", action="store_true", help="write the report when done")
-    p.add_argument("--mde", type=float, metavar="POINTS",
+    p.add_argument("--mde", type=_positive(float), metavar="POINTS",
                    help="after the file's seeds (the pilot, >= 2), add seeds until every "
                    "comparison's minimal detectable effect (80 %% power) is at most POINTS, "
                    "or --max-seeds; the report then calls 'no effect' only below POINTS")
-    p.add_argument("--max-seeds", type=int, default=10,
+    p.add_argument("--max-seeds", type=_positive(int), default=10,
                    help="the seed budget of --mde (default 10)")
+    p.epilog = "A sweep file's base, overrides and variants are config keys. " + CONFIG_KEYS
     p.set_defaults(func=cmd_sweep)
 
 
@@ -470,7 +506,7 @@ def _args_report(p: argparse.ArgumentParser) -> None:
                    "labelled variant[/seedN]=path")
     p.add_argument("--out", help="output folder (default: <first path>/report)")
     p.add_argument("--baseline", help="the variant to compare against (default: baseline)")
-    p.add_argument("--mde", type=float, default=2.5, metavar="POINTS",
+    p.add_argument("--mde", type=_positive(float), default=2.5, metavar="POINTS",
                    help="the effect a comparison must be able to detect (80 %% power) before "
                    "'not significant' reads 'no effect larger than its MDE' (default 2.5)")
     p.set_defaults(func=cmd_report)
@@ -491,6 +527,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "pretrain-tiny": ("make (or find in the cache) the tiny-base model for RL",
                       _args_pretrain_tiny),
     "train": ("GRPO training (AQN on with trainer.noise_injection.enabled=true)", _args_train),
+    "config": ("the resolved config with every key's doc (show), or one key in full (explain)",
+               _args_config),
     "evaluate": ("validation only: greedy accuracy of the config's model on its validation "
                  "split (no training)", _args_evaluate),
     "sweep": ("run every (variant, seed) pair of a sweep file", _args_sweep),

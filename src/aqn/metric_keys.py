@@ -23,6 +23,7 @@ def val_clean(source: str, what: str, n: int) -> str:
 
 
 VAL_CORE = re.compile(r"val-core/(?P<source>.+)/(?P<what>reward|acc)/mean@(?P<n>\d+)")
+VAL_CLEAN = re.compile(r"val-clean/(?P<source>.+)/(?P<what>reward|acc)/mean@(?P<n>\d+)")
 
 
 def val_pass_at(source: str, k: int) -> str:

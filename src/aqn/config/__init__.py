@@ -8,14 +8,10 @@ from pathlib import Path
 
 from aqn.config.loader import build, deep_merge, parse_override, read_yaml, set_dotted, to_yaml
 from aqn.config.schema import AQNConfig, resolve
+from aqn.configs import preset_names
 from aqn.errors import ConfigError
 from aqn.hashing import config_hash, to_plain
 from aqn.noise.schedule import PRESETS
-
-
-def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("aqn.configs").iterdir()
-                  if p.name.endswith(".yaml"))
 
 
 def preset_path(name: str) -> Path:

@@ -140,27 +140,27 @@ class RolloutCorrectionConfig:
     ``r = pi_old / pi_rollout`` once per batch. Defaults are verl's YAML defaults (its dataclass
     says rollout_is "sequence"; its trainer config null, which aqn keeps: nothing on)."""
 
-    # Importance weights on the policy loss: "token" (each token's r) or "sequence" (the
-    # product of the sequence's r, for all its tokens); null: none, metrics only.
     rollout_is: Literal["token", "sequence"] | None = None
-    # A number C truncates the weights at C (TIS); "lower_upper" (e.g. "0.5_5.0") zeroes
-    # those outside [lower, upper] instead (IcePop).
+    """Importance weights on the policy loss: "token" (each token's r) or "sequence" (the
+    product of the sequence's r, for all its tokens); null: none, metrics only."""
     rollout_is_threshold: float | str = 2.0
-    # Divide the weights by their batch mean (over tokens, or over sequences at sequence
-    # level) so that they average 1; the logged rollout_is_* stay those before it.
+    """A number C truncates the weights at C (TIS); "lower_upper" (e.g. "0.5_5.0") zeroes
+    those outside [lower, upper] instead (IcePop)."""
     rollout_is_batch_normalize: bool = False
-    # Rejection sampling (masked IS): comma-separated options token_k1|k2|k3,
-    # seq_sum_k1|k2|k3, seq_mean_k1|k2|k3, seq_max_k2|k3; a token (token_*) or a whole
-    # sequence (seq_*) out of an option's bounds leaves the loss. All options must pass.
-    # null: off.
+    """Divide the weights by their batch mean (over tokens, or over sequences at sequence
+    level) so that they average 1; the logged rollout_is_* stay those before it."""
     rollout_rs: str | None = None
-    # One threshold for every option, or one per option (comma-separated). k1: "lower_upper"
-    # bounds of pi_rollout / pi_train (a number U: 1/U to U); k2, k3: an upper bound.
+    """Rejection sampling (masked IS): comma-separated options token_k1|k2|k3,
+    seq_sum_k1|k2|k3, seq_mean_k1|k2|k3, seq_max_k2|k3; a token (token_*) or a whole
+    sequence (seq_*) out of an option's bounds leaves the loss. All options must pass.
+    null: off."""
     rollout_rs_threshold: float | str | None = None
-    # verl's bypass mode (old log-probs = the rollout's): not offered, must stay false.
+    """One threshold for every option, or one per option (comma-separated). k1: "lower_upper"
+    bounds of pi_rollout / pi_train (a number U: 1/U to U); k2, k3: an upper bound."""
     bypass_mode: bool = False
-    # verl's bypass-mode loss; read only in bypass mode, so it must stay ppo_clip.
+    """verl's bypass mode (old log-probs = the rollout's): not offered, must stay false."""
     loss_type: Literal["ppo_clip", "reinforce"] = "ppo_clip"
+    """verl's bypass-mode loss; read only in bypass mode, so it must stay ppo_clip."""
 
     def __post_init__(self) -> None:
         try:

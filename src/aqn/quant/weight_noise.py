@@ -30,16 +30,17 @@ DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "uniform")
 
 @dataclass(frozen=True)
 class WeightNoiseConfig:
-    # Relative L2 size of the noise on each targeted weight, ||w_written - w|| / ||w|| ~ scale
-    # (to match a quantization format: scale = its quant/rel_l2). 0: off.
     scale: float = 0.0
-    # Shape of eps (unit variance either way): gaussian N(0, 1); uniform U(-sqrt 3, sqrt 3).
+    """Relative L2 size of the noise on each targeted weight, ||w_written - w|| / ||w|| ~ scale
+    (to match a quantization format: scale = its quant/rel_l2). 0: off."""
     distribution: Literal["gaussian", "uniform"] = "gaussian"
-    # Module path patterns (exact path, '.'-suffix or glob) of the nn.Linear weights it
-    # writes; empty include = every Linear. The quantizer's defaults: the output head,
-    # embeddings and LoRA adapters are left alone.
+    """Shape of eps (unit variance either way): gaussian N(0, 1); uniform U(-sqrt 3, sqrt 3)."""
     include: tuple[str, ...] = ()
+    """Module path patterns (exact path, '.'-suffix or glob) of the nn.Linear weights it
+    writes; empty include = every Linear."""
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    """Module path patterns (as include) of Linear weights left alone; the quantizer's
+    defaults: the output head, embeddings and LoRA adapters."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale >= 0):
