@@ -553,3 +553,12 @@ def test_tensor_scalars_read_as_simple_values(tmp_path):
     assert run.series("critic/score/mean") == {1: 0.5, 2: 1.0, 3: 1.5}
     assert {k for row in run.metrics for k in row} == {
         "step", "critic/score/mean", "val-core/gsm8k/acc/mean@1"}
+
+
+def test_an_unknown_baseline_is_the_users_error_not_a_bug():
+    from aqn.errors import InputError
+    from aqn.experiments.analysis import pick_baseline
+
+    with pytest.raises(InputError, match="'nosuch' is not among the variants.*: a, b"):
+        pick_baseline({"a": {}, "b": {}}, "nosuch")
+    assert pick_baseline({"a": {}, "baseline": {}}, None) == "baseline"

@@ -21,6 +21,8 @@ import hashlib
 import random
 from collections.abc import Callable
 
+from aqn.errors import InputError
+
 DATA_SOURCE = "arith"
 LEVELS = (1, 2, 3)
 SPLITS = ("train", "test")
@@ -249,9 +251,10 @@ def make_split(
         if question in seen or split_of(question) != split:
             misses += 1
             if misses >= _MAX_MISSES:
-                raise ValueError(
+                raise InputError(
                     f"found only {len(records)} of {n} distinct {split!r} problems at difficulty "
-                    f"{levels}: the problem space is too small for n={n}"
+                    f"{levels}: the problem space is too small for n={n} (data.max_train_samples "
+                    "/ max_val_samples)"
                 )
             continue
         misses = 0

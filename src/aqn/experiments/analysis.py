@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aqn import metric_keys as keys
+from aqn.errors import InputError
 from aqn.experiments.render import fmt_p, fmt_pct, fmt_pts, fmt_steps
 from aqn.experiments.runs import RunData
 from aqn.experiments.stats import (
@@ -329,7 +330,7 @@ def compare_points(runs: Iterable[RunData], baseline: str | None = None) -> Comp
 def pick_baseline(groups: dict[str, dict[int, RunData]], requested: str | None) -> str:
     if requested is not None:
         if requested not in groups:
-            raise ValueError(
+            raise InputError(
                 f"baseline {requested!r} is not among the variants with usable runs: "
                 f"{', '.join(groups) or 'none'}"
             )
