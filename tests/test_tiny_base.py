@@ -117,3 +117,21 @@ def test_training_corpus_mixes_two_answer_formats():
         {**r, "answer": r["answer"].rsplit("\n", 1)[0] + f"\n#### {r['ground_truth']}"}
         for r in corpus]
     assert settings_hash(settings) != settings_hash(replace(settings, other_format_fraction=0))
+
+
+def test_transformers_bars_only_on_a_terminal(monkeypatch):
+    """A redirected log (`make demo > log`) gets no "Writing model shards" frames."""
+    from transformers.utils import logging as hf_logging
+
+    from aqn.models import hf_progress_bars
+
+    hf_logging.enable_progress_bar()
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    with hf_progress_bars(True):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()  # put back as it was
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    with hf_progress_bars(True):
+        assert hf_logging.is_progress_bar_enabled()
+    with hf_progress_bars(False):
+        assert not hf_logging.is_progress_bar_enabled()

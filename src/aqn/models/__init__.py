@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,9 +36,10 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 @contextmanager
 def hf_progress_bars(enabled: bool) -> Iterator[None]:
     """Silence transformers' own progress bars ("Loading weights", "Writing model shards")
-    when asked: they clutter the logs of every run and sweep."""
+    when asked, and always when stderr is not a terminal: they clutter the logs of every run
+    and sweep, and a redirected log would get their carriage-return frames."""
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
+    if not (enabled and sys.stderr.isatty()):
         hf_logging.disable_progress_bar()
     try:
         yield
