@@ -28,11 +28,11 @@ from conftest import logits, smoke
 
 def test_registry_declares_each_perturbation_once():
     assert [s.name for s in REGISTRY] == [
-        "quant", "weight_noise", "act_quant", "numerics", "op_noise", "aqn", "activation_noise",
-        "actor_act_quant", "actor_numerics", "actor_op_noise"]
+        "quant", "weight_noise", "act_quant", "kv_cache", "numerics", "op_noise", "aqn",
+        "activation_noise", "actor_act_quant", "actor_numerics", "actor_op_noise"]
     assert {s.name: s.in_validation for s in REGISTRY if s.side == "rollout"} == {
-        "quant": True, "weight_noise": True, "act_quant": True, "numerics": True,
-        "op_noise": True, "aqn": False, "activation_noise": False}
+        "quant": True, "weight_noise": True, "act_quant": True, "kv_cache": True,
+        "numerics": True, "op_noise": True, "aqn": False, "activation_noise": False}
     assert {s.name for s in REGISTRY if s.side == "actor"} == {
         "actor_act_quant", "actor_numerics", "actor_op_noise"}
     assert len({s.metric_prefix for s in REGISTRY}) == len(REGISTRY)
@@ -263,6 +263,7 @@ def test_shared_and_copied_engines_train_the_same_run(tmp_path):
 
 ALL_ON = ["actor_rollout_ref.rollout.activation_noise=0.05",
           "actor_rollout_ref.rollout.activation_quantization=mxfp4",
+          "actor_rollout_ref.rollout.kv_cache_dtype=fp8",
           "actor_rollout_ref.rollout.numerics=npu-like",
           "actor_rollout_ref.rollout.op_noise.scale=0.05",
           "trainer.noise_injection.enabled=true"]
@@ -292,3 +293,47 @@ def test_the_report_section_flag_replaces_a_name_check():
     assert [s.name for s in REGISTRY if s.own_report_section] == ["aqn"]
     assert [s.name for s in REGISTRY if s.vllm is not None] == ["quant", "aqn"]
     assert all(s.build_load is not None for s in REGISTRY if s.vllm == "load")
+
+
+# --------------------------------------------- the KV cache entry: one kernel + one spec
+
+def test_kv_cache_fp8_rounds_what_attention_reads_and_restores_exactly(tiny):
+    from aqn.quant import round_e4m3
+    from aqn.quant.kv_cache import KVCacheQuantizer
+
+    model, _ = tiny
+    clean = logits(model)
+    kv = KVCacheQuantizer(model, "fp8")
+    assert kv.touches() == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(4)
+                            for p in ("k", "v")]
+    assert kv.apply(0) == {"kv_cache/num_modules": 8.0}
+    seen = []
+    handle = model.model.layers[0].self_attn.k_proj.register_forward_hook(
+        lambda m, a, out: seen.append(out.detach().clone()))  # after the kernel's hook
+    rounded = logits(model)
+    handle.remove()
+    assert torch.equal(seen[0], round_e4m3(seen[0]))  # on the E4M3 grid already
+    assert not torch.equal(rounded, clean)
+    firing = kv.firing().metrics("kv_cache")
+    assert firing["perturb/kv_cache/calls"] == 8 and firing["perturb/kv_cache/modules"] == 8
+    assert 0 < firing["perturb/kv_cache/elements_changed"] <= firing["perturb/kv_cache/elements"]
+    kv.restore()
+    assert torch.equal(logits(model), clean)
+    with pytest.raises(NoTargetsError, match="k_proj or v_proj"):
+        KVCacheQuantizer(nn.Sequential(nn.Linear(4, 4)), "fp8")
+
+
+def test_a_grpo_run_with_an_fp8_kv_cache_measures_its_mismatch(tmp_path):
+    cfg = smoke(tmp_path, "actor_rollout_ref.rollout.kv_cache_dtype=fp8",
+                "trainer.total_training_steps=2", "trainer.test_freq=2")
+    train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if r["step"] >= 1]
+    assert all(r["kv_cache/num_modules"] == 8 and r["perturb/kv_cache/calls"] > 0 for r in rows)
+    assert all(r["rollout_corr/abs_logp_diff_mean"] > 0 for r in rows)  # the engine differs
+    assert rows[-1]["val-aux/kv_cache/num_modules"] == 8  # kept in validation
+    assert "rollout kv_cache (actor_rollout_ref.rollout.kv_cache_dtype; in validation: yes): " \
+           "8 modules" in (tmp_path / "run" / "plan.txt").read_text()
+    # the report's per-perturbation section comes from the spec alone
+    md = build_report([tmp_path / "run"], tmp_path / "report").markdown
+    assert "KV cache quantization of the rollout (vLLM's kv_cache_dtype=fp8)" in md
+    assert "kv_cache/num_modules" in md and "perturb/kv_cache/elements_changed" in md

@@ -289,6 +289,7 @@ def test_weight_noise_and_quantization_are_one_or_the_other():
     ("op_noise.scale=0.05", "op_noise"),
     ("activation_noise=0.05", "activation_noise"),
     ("activation_quantization=mxfp4", "activation_quantization"),
+    ("kv_cache_dtype=fp8", "kv_cache_dtype"),
 ])
 def test_vllm_refuses_what_the_registry_says_it_cannot_carry(override, key):
     cfg = load_config("smoke", [f"{ROLLOUT}.name=vllm", f"{ROLLOUT}.{override}"])

@@ -302,6 +302,11 @@ class RolloutConfig:
     op_noise: OpNoiseConfig = field(default_factory=OpNoiseConfig)
     """Simulated hardware error: relative Gaussian noise on the engine's matmul outputs,
     y <- y + scale |y| eps, fresh per call (aqn.numerics.op_noise); kept in validation."""
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    """vLLM's key and values: "fp8" rounds the keys and values the engine's attention reads to
+    float8_e4m3fn with vLLM's default unit scale, as an FP8 KV cache stores them
+    (aqn.quant.kv_cache); kept in validation. "auto": the model's dtype, no rounding. A
+    simulation on the hf engine (name=vllm refuses it here: set vLLM's own kv_cache_dtype)."""
     enforce_eager: bool = True
     """name=vllm only (verl's key; verl's default is false): eager mode keeps the model's
     modules the ones that run (no compiled graph), so the perturbations reach them."""

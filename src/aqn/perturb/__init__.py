@@ -29,10 +29,11 @@ from aqn.numerics import NumericsEmulator
 from aqn.numerics.op_noise import OpNoise, OpNoiseConfig
 from aqn.quant import LoadTimeWeightQuantizer, WeightQuantizer
 from aqn.quant.activation import ActivationQuantizer
+from aqn.quant.kv_cache import KVCacheQuantizer
 from aqn.quant.weight_noise import WeightNoise
 
 Kind = Literal["noise", "quantization", "numerics", "activation", "matmul-output",
-               "weight-noise"]
+               "weight-noise", "kv-cache"]
 
 
 class Perturbation(Protocol):
@@ -167,6 +168,12 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
         enabled=lambda cfg: _rollout(cfg).activation_quantization is not None,
         build=lambda model, cfg: ActivationQuantizer(model,
                                                      _rollout(cfg).activation_quantization)),
+    PerturbationSpec(
+        name="kv_cache", kind="kv-cache", config_key="actor_rollout_ref.rollout.kv_cache_dtype",
+        in_validation=True, metric_prefix="kv_cache/",
+        report_section="KV cache quantization of the rollout (vLLM's kv_cache_dtype=fp8)",
+        enabled=lambda cfg: _rollout(cfg).kv_cache_dtype != "auto",
+        build=lambda model, cfg: KVCacheQuantizer(model, _rollout(cfg).kv_cache_dtype)),
     PerturbationSpec(
         name="numerics", kind="numerics", config_key="actor_rollout_ref.rollout.numerics",
         in_validation=True, metric_prefix="numerics/",
