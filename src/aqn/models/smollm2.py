@@ -9,9 +9,13 @@ Without the package, the alias falls back to the hub copy when the hub is reacha
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from aqn.errors import ModelUnavailableError
@@ -58,7 +62,7 @@ def converted_path(progress: bool = True) -> Path:
     from aqn.models import hf_progress_bars
 
     log.warning("converting %s to safetensors in %s (once, ~20 s)", gguf, final)
-    with hf_progress_bars(progress):
+    with hf_progress_bars(progress), _gguf_bar(progress and sys.stderr.isatty()):
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -86,3 +90,18 @@ def smollm2_source() -> str:
         return str(converted_path())
     log.warning("%s is not installed; trying the hub copy %s", PACKAGE, HUB_ID)
     return HUB_ID
+
+
+@contextmanager
+def _gguf_bar(show: bool) -> Iterator[None]:
+    """transformers' GGUF conversion bar is a plain tqdm that ignores its progress-bar switch:
+    off unless ``show`` (a redirected log would get its carriage-return frames)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    if not show:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar

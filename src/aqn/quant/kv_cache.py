@@ -4,7 +4,9 @@ attention reads full-precision K and V).
 
 A forward hook replaces the output of every key and value projection (``k_proj`` /
 ``v_proj``: the K and V a cache would hold) by its float8_e4m3fn rounding with vLLM's default
-unit scale (``k_scale = v_scale = 1.0``), saturating at +-448. The rounding is per element
+unit scale (``k_scale = v_scale = 1.0``), saturating at +-448. vLLM rounds the keys after the
+rotary embedding, this before it: a rotation, so the error has the same size, not the same
+bits (docs/experiments.md, "An FP8 KV cache"). The rounding is per element
 (no scale computed over the batch), so it does not depend on how tokens are batched; the
 newest token's K and V are rounded too, as by an engine that writes the cache before attention
 reads it. The hooks count their calls (``aqn.firing``).
