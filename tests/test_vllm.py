@@ -18,6 +18,7 @@ from aqn.config import load_config
 from aqn.data import encode_prompts, load_task
 from aqn.errors import ConfigError, NoTargetsError
 from aqn.noise import NoiseInjector
+from aqn.rl.trainer import GRPOTrainer
 from aqn.rollout.base import SamplingParams
 from conftest import peer, smoke
 
@@ -40,14 +41,10 @@ def rows(batch) -> list[list[int]]:
 # ------------------------------------------------------------------- config (no vLLM needed)
 
 @pytest.mark.parametrize("override,key", [
-    ("actor_rollout_ref.rollout.numerics=npu-like", "actor_rollout_ref.rollout.numerics"),
-    ("actor_rollout_ref.rollout.op_noise.scale=0.01", "actor_rollout_ref.rollout.op_noise"),
-    ("actor_rollout_ref.rollout.activation_noise=0.01",
-     "actor_rollout_ref.rollout.activation_noise"),
     ("actor_rollout_ref.rollout.top_p=0.9", "actor_rollout_ref.rollout.top_p"),
     ("actor_rollout_ref.rollout.temperature=0.7", "actor_rollout_ref.rollout.log_prob_source"),
 ])
-def test_vllm_config_refuses_what_vllm_modules_cannot_carry(tmp_path, override, key):
+def test_vllm_config_refuses_what_vllm_sampling_cannot_give(tmp_path, override, key):
     with pytest.raises(ConfigError) as e:
         smoke(tmp_path, "actor_rollout_ref.rollout.name=vllm", override)
     assert e.value.key == key
@@ -55,6 +52,23 @@ def test_vllm_config_refuses_what_vllm_modules_cannot_carry(tmp_path, override, 
     smoke(tmp_path, override)
     smoke(tmp_path, "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.temperature"
           "=0.7", "actor_rollout_ref.rollout.log_prob_source=decode")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("actor_rollout_ref.rollout.numerics=npu-like", "actor_rollout_ref.rollout.numerics"),
+    ("actor_rollout_ref.rollout.op_noise.scale=0.01", "actor_rollout_ref.rollout.op_noise"),
+    ("actor_rollout_ref.rollout.activation_noise=0.01",
+     "actor_rollout_ref.rollout.activation_noise"),
+])
+def test_a_vllm_run_refuses_a_perturbation_vllm_cannot_carry_before_loading(tmp_path, override,
+                                                                              key):
+    """The registry declares what the vLLM engine carries; the trainer refuses the rest before
+    it loads data or a model (no vLLM needed), and leaves no run folder behind."""
+    cfg = smoke(tmp_path, "actor_rollout_ref.rollout.name=vllm", override)
+    with pytest.raises(ConfigError, match="not supported with name=vllm") as e:
+        GRPOTrainer(cfg)
+    assert e.value.key == key
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------ real vLLM engines
@@ -222,7 +236,6 @@ def test_grpo_trains_with_the_vllm_backend_and_aqn_on(tmp_path):
     """A few GRPO steps on the tiny model, vLLM rolling out an NVFP4 copy; AQN's proof of
     firing comes from vLLM's modules, quantization's from the weights each sync loaded."""
     need_vllm()
-    from aqn.rl.trainer import GRPOTrainer
 
     cfg = smoke(tmp_path, "actor_rollout_ref.rollout.name=vllm", *AQN_ON,
                 "actor_rollout_ref.rollout.quantization=nvfp4",
@@ -310,7 +323,6 @@ def test_smollm2_trains_with_the_vllm_backend_and_the_report_reads_vllms_counts(
     layers + the final norm), each changed by the noise."""
     need_vllm()
     from aqn.experiments.report import build_report
-    from aqn.rl.trainer import GRPOTrainer
 
     cfg = load_config("smollm2-arith", [
         f"trainer.default_local_dir={tmp_path}", "actor_rollout_ref.rollout.name=vllm", *AQN_ON,
