@@ -210,8 +210,7 @@ def test_a_signal_ends_training_with_one_line_and_a_resumable_run(tmp_path, sig)
     args = ["smoke", f"trainer.default_local_dir={tmp_path}", "trainer.experiment_name=run",
             "trainer.total_training_steps=500", "trainer.test_freq=0", "trainer.save_freq=2"]
     proc = aqn("train", *args)
-    wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_2").is_dir(),
-             what="the first checkpoint")
+    wait_for(lambda: checkpoint_steps(tmp_path / "run"), what="the first checkpoint")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig
