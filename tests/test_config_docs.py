@@ -156,6 +156,11 @@ def test_render_loads_back_as_the_same_config(tmp_path, overrides):
     assert "  # Completions per prompt (GRPO group size).\n    n: 4  # default: 8\n" in text
     (tmp_path / "shown.yaml").write_text(text)
     assert config_hash(load_config(tmp_path / "shown.yaml")) == config_hash(cfg)
+    changed = docs.render(cfg, "title", changed_only=True)  # only what differs from defaults
+    assert "    n: 4  # default: 8\n" in changed and "top_p:" not in changed
+    assert len(changed.splitlines()) < len(text.splitlines()) / 3
+    (tmp_path / "changed.yaml").write_text(changed)
+    assert config_hash(load_config(tmp_path / "changed.yaml")) == config_hash(cfg)
 
 
 def test_documenting_leaves_the_config_hash_alone():

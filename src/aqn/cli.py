@@ -236,7 +236,8 @@ def cmd_config(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     given = shlex.join([args.config, *args.overrides])
     print(render(cfg, f"aqn config show {given}: the config 'aqn train {given}' runs, "
-                      f"resolved (hash {config_hash(cfg)})"), end="")
+                      f"resolved (hash {config_hash(cfg)})",
+                 changed_only=args.changed), end="")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -462,6 +463,8 @@ def _args_config(p: argparse.ArgumentParser) -> None:
         "above it and '# default: ...' beside a value that is not the default. The output "
         "loads back as a config file.")
     _add_config_args(show)
+    show.add_argument("--changed", action="store_true",
+                      help="only the keys whose value is not the default (and their docs)")
     show.epilog = "One key in full: aqn config explain KEY."
     explain = sub.add_parser(
         "explain", help="one key: type, default, choices, doc, verl and TRL names",

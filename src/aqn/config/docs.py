@@ -426,29 +426,34 @@ def explain(key: str) -> str:
 # --------------------------------------------------------------------------- show
 
 
-def render(cfg: AQNConfig, title: str) -> str:
+def render(cfg: AQNConfig, title: str, changed_only: bool = False) -> str:
     """``cfg`` as commented YAML: each key's doc above it, grouped by section, and
-    ``# default: ...`` beside a value that is not the schema's. The text loads back as a
-    config file (``aqn train that.yaml``) with the same hash."""
+    ``# default: ...`` beside a value that is not the schema's; ``changed_only``: only those
+    keys (and their sections). The text loads back as a config file (``aqn train that.yaml``)
+    with the same hash."""
     docs = key_docs()
     out = [f"# {title}", "# Each key's doc is above it; one key in full: aqn config explain KEY",
            "# (type, default, choices, verl's and TRL's name for it)."]
 
-    def walk(obj: Any, prefix: str, indent: str) -> None:
+    def walk(obj: Any, prefix: str, indent: str) -> list[str]:
+        lines: list[str] = []
         for f in dataclasses.fields(obj):
             d = docs[prefix + f.name]
             value = getattr(obj, f.name)
-            if not prefix:
-                out.append("")
-            out.extend(_wrap(d.doc, indent + "# ", WIDTH))
             if d.is_section:
-                out.append(f"{indent}{f.name}:")
-                walk(value, d.key + ".", indent + "  ")
-                continue
-            line = f"{indent}{f.name}: {_yaml_value(value)}"
-            if to_plain(value) != d.default:
-                line += f"  # default: {_yaml_value(d.default)}"
-            out.append(line)
+                inner = walk(value, d.key + ".", indent + "  ")
+                body = [f"{indent}{f.name}:", *inner]
+            else:
+                changed = to_plain(value) != d.default
+                if changed_only and not changed:
+                    continue
+                line = f"{indent}{f.name}: {_yaml_value(value)}"
+                body = [line + f"  # default: {_yaml_value(d.default)}" if changed else line]
+                inner = body
+            if not inner and changed_only:
+                continue  # a section where nothing changed
+            lines += ([""] if not prefix else []) + _wrap(d.doc, indent + "# ", WIDTH) + body
+        return lines
 
-    walk(cfg, "", "")
+    out += walk(cfg, "", "")
     return "\n".join(out) + "\n"
