@@ -22,7 +22,7 @@ from aqn.files import missing_model_path
 from aqn.noise.config import NoiseInjectionConfig
 from aqn.numerics import PROFILES
 from aqn.numerics.op_noise import OpNoiseConfig
-from aqn.quant import FORMATS
+from aqn.quant import check_format
 from aqn.quant.weight_noise import WeightNoiseConfig
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ def _check_hardware(quantization: str | None, numerics: str,
                     activation_quantization: str | None = None) -> None:
     for name, fmt in (("quantization", quantization),
                       ("activation_quantization", activation_quantization)):
-        if fmt is not None and fmt not in FORMATS:
-            raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}", name)
+        if fmt is not None:
+            check_format(fmt, name)
     if numerics not in PROFILES:
         raise ConfigError(f"unknown profile {numerics!r}; known: {', '.join(PROFILES)}",
                           "numerics")

@@ -34,7 +34,7 @@ from aqn.files import write_atomic
 from aqn.models import load_model
 from aqn.modules import layer_index
 from aqn.numerics import NumericsEmulator
-from aqn.quant import FORMATS, WeightQuantizer, fake_quantize
+from aqn.quant import WeightQuantizer, check_format, fake_quantize
 from aqn.quant.activation import ActivationQuantizer
 from aqn.quant.formats import clip_stats
 from aqn.rollout.hf import left_pad
@@ -107,8 +107,8 @@ def scan_model(model: nn.Module, ids: Tensor, mask: Tensor, fmt: str | None = No
     """The per-layer table of ``fmt`` (W4A16, or W4A4 with ``activations``) or ``profile``."""
     if (fmt is None) == (profile is None):
         raise ValueError("scan one format or one profile")
-    if fmt is not None and fmt not in FORMATS:
-        raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}", "format")
+    if fmt is not None:
+        check_format(fmt, "format")
     model.eval()
     layers = decoder_layers(model)
     clean = _outputs(model, layers, ids, mask)

@@ -13,7 +13,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import logging
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,7 +61,7 @@ def converted_path(progress: bool = True) -> Path:
     from aqn.models import hf_progress_bars
 
     log.warning("converting %s to safetensors in %s (once, ~20 s)", gguf, final)
-    with hf_progress_bars(progress), _gguf_bar(progress and sys.stderr.isatty()):
+    with hf_progress_bars(progress), _gguf_bar():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -93,13 +92,14 @@ def smollm2_source() -> str:
 
 
 @contextmanager
-def _gguf_bar(show: bool) -> Iterator[None]:
-    """transformers' GGUF conversion bar is a plain tqdm that ignores its progress-bar switch:
-    off unless ``show`` (a redirected log would get its carriage-return frames)."""
+def _gguf_bar() -> Iterator[None]:
+    """transformers' GGUF conversion bar is a plain tqdm that ignores transformers' progress-bar
+    switch: it follows the switch here (``hf_progress_bars`` sets it; off in a redirected log)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
     bar = gguf_utils.tqdm
-    if not show:
+    if not hf_logging.is_progress_bar_enabled():
         gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         yield

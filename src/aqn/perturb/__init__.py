@@ -257,7 +257,8 @@ def build_perturbations(model: nn.Module, cfg: AQNConfig, side: Side = "rollout"
                         engine: Engine = "hf") -> list[Built]:
     """The perturbations of ``side`` that ``cfg`` turns on, built on ``model``, in order. On
     the vllm engine, those it carries on its modules (``build_load`` builds the others)."""
-    check_engine_support(cfg)
+    if engine == "vllm":
+        check_engine_support(cfg)  # what it cannot carry must not be left out silently
     return [(spec, spec.build(model, cfg)) for spec in enabled_specs(cfg, side)
             if engine == "hf" or spec.vllm == "modules"]
 

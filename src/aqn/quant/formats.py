@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aqn.errors import ConfigError
+
 # (mantissa bits, smallest normal exponent, largest value) of the element formats
 E2M1 = (1, 0, 6.0)
 E4M3 = (3, -6, 448.0)  # float8_e4m3fn
@@ -165,9 +167,12 @@ _FAKE_QUANT: dict[str, Callable[[Tensor], Tensor]] = {
 FORMATS: tuple[str, ...] = tuple(_FAKE_QUANT)
 
 
-def check_format(fmt: str) -> str:
+def check_format(fmt: str, key: str | None = None) -> str:
+    """``fmt`` itself when it is a known format; else a ConfigError naming ``key`` (the config
+    key or flag that gave it)."""
     if fmt not in _FAKE_QUANT:
-        raise ValueError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}",
+                          key)
     return fmt
 
 
