@@ -409,6 +409,7 @@ def _run_parallel(spec: SweepSpec, runs: list[RunKey], jobs: int,
     threads = max(1, (os.cpu_count() or 1) // jobs)
     todo = list(runs)
     while todo:  # a worker killed from outside breaks the pool: mark its runs, go on
+        broken: list[RunKey] = []
         with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init,
                                  initargs=(os.getpid(),)) as pool:
             try:
@@ -419,13 +420,17 @@ def _run_parallel(spec: SweepSpec, runs: list[RunKey], jobs: int,
                     try:
                         done(run, future.result())
                     except BrokenProcessPool:
-                        if _mark_worker_died(out / run.name, run):
-                            done(run, "failed")
-                        else:
-                            todo.append(run)  # not started, or finished unseen: run again
+                        broken.append(run)
             except BaseException:
                 _stop_workers(pool)
                 raise
+        # Only now, the pool shut down and its workers reaped: a dead worker's lock can
+        # outlive the moment the pool sees it die, and a run it held would look held
+        for run in broken:
+            if _mark_worker_died(out / run.name, run):
+                done(run, "failed")
+            else:
+                todo.append(run)  # not started, or finished unseen: run again
         if todo and len(results) == before:
             raise RuntimeError(f"sweep {spec.name}: the worker processes keep dying before a "
                                "run starts (see the log above)")
