@@ -50,7 +50,7 @@ def test_every_dataclass_of_the_tree_is_reached():
     assert names == {"AQNConfig", "DataConfig", "ActorRolloutRefConfig", "ModelConfig",
                      "ActorConfig", "OptimConfig", "LoraConfig", "OpNoiseConfig",
                      "RolloutConfig", "ValKwargs", "WeightNoiseConfig", "AlgorithmConfig",
-                     "RolloutCorrectionConfig", "RewardConfig", "TrainerConfig",
+                     "RolloutCorrectionConfig", "RewardConfig", "TrainerConfig", "ResourcesConfig",
                      "NoiseInjectionConfig"}
 
 
@@ -165,10 +165,10 @@ def test_render_loads_back_as_the_same_config(tmp_path, overrides):
 
 def test_documenting_leaves_the_config_hash_alone():
     # docs are strings in the class bodies, not fields. The hash is logged and written to every
-    # config.yaml and checkpoint, so it changes only on purpose: a new key (kv_cache_dtype last)
+    # config.yaml and checkpoint, so it changes only on purpose: a new key (trainer.resources last)
     # changes it, and a run stored before that key still resumes (tests/test_trainer.py)
-    assert config_hash(AQNConfig()) == "a14275b41a"
-    assert config_hash(load_config("tiny")) == "72462194a8"
+    assert config_hash(AQNConfig()) == "0c6b241e0b"
+    assert config_hash(load_config("tiny")) == "0d64290836"
 
 
 @dataclass(frozen=True)

@@ -330,6 +330,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         run_sweep_to_power,
     )
 
+    if args.ray is None and args.retries:
+        raise ConfigError("--retries is Ray's task retry: give it with --ray", "--retries")
+    if args.ray is not None and args.jobs > 1:
+        raise ConfigError("--jobs sizes a local process pool; on Ray each run reserves its "
+                          "trainer.resources instead", "--jobs")
+    if args.retries < 0:
+        raise ConfigError(f"must be >= 0, got {args.retries}", "--retries")
+
     if bool(args.sweep) == bool(args.preset):
         raise ConfigError("give a sweep file or --preset NAME (one of them)")
     spec = load_sweep(args.sweep or args.preset)
@@ -339,9 +347,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         spec = dataclasses.replace(spec, seeds=tuple(args.seeds))
     try:
         if args.mde is not None:
-            spec, results = run_sweep_to_power(spec, args.mde, args.max_seeds, jobs=args.jobs)
+            spec, results = run_sweep_to_power(spec, args.mde, args.max_seeds, args.jobs,
+                                               args.ray, args.retries)
         else:
-            results = run_sweep(spec, jobs=args.jobs)
+            results = run_sweep(spec, args.jobs, args.ray, args.retries)
     except Interrupted as e:
         e.hint = "resume with the same command: " + shlex.join(["aqn", *args.argv])
         raise
@@ -484,11 +493,18 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _args_sweep(p: argparse.ArgumentParser) -> None:
-    from aqn.experiments.sweep import sweep_presets
+    from aqn.experiments.sweep import RAY_LOCAL, sweep_presets
 
     p.add_argument("sweep", nargs="?", help="a sweep YAML file (or a preset name)")
     p.add_argument("--preset", help="a shipped sweep: " + ", ".join(sweep_presets()))
     p.add_argument("--jobs", type=_positive(int), default=1, help="runs in parallel (default 1)")
+    p.add_argument("--ray", nargs="?", const=RAY_LOCAL, metavar="ADDRESS",
+                   help="run each run as a Ray task: on the cluster at ADDRESS ('auto': the "
+                   "one this machine belongs to), or without ADDRESS on a Ray instance of this "
+                   "machine; each reserves its trainer.resources (docs/integrations.md)")
+    p.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="with --ray: run a task whose worker or node died again, up to N "
+                   "times, resuming from its checkpoint (default 0: record it as failed)")
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the file's")
     p.add_argument("--scale", help="one of the sweep's larger set-ups (e.g. smollm2: hours "
                    "on a CPU); runs go to runs/sweeps/<name>-<scale>")

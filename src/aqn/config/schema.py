@@ -414,6 +414,24 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class ResourcesConfig:
+    """What one run asks of a Ray cluster (``aqn sweep --ray``): Ray's task options."""
+
+    num_cpus: int = 1
+    """CPU cores the run's task reserves; the run trains with as many torch threads."""
+    num_gpus: float | None = None
+    """GPUs the run's task reserves; null: 1 when trainer.device is cuda (or auto on a cluster
+    with GPUs), else 0."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 1:
+            raise ConfigError(f"must be >= 1, got {self.num_cpus}", "num_cpus")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError(f"must be >= 0 (null: by trainer.device), got {self.num_gpus}",
+                              "num_gpus")
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     project_name: str = "aqn"
     """The wandb project (with "wandb" in logger); otherwise only recorded in config.yaml."""
@@ -461,6 +479,9 @@ class TrainerConfig:
     progress_bar: bool = True
     """Show progress on stderr while training: a bar on a terminal, a plain line per step in a
     redirected log, and the perturbation plan before step 0. false: quiet (a sweep's runs)."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """The cores and GPUs one run reserves when a sweep runs on Ray (aqn sweep --ray); where a
+    run executes, not what it computes (a run resumes under other resources)."""
     noise_injection: NoiseInjectionConfig = field(default_factory=NoiseInjectionConfig)
     """AQN: noise on the rollout engine's norm weights (RMSNorm by default), on a staged sigma
     schedule, after every weight sync; off in validation (the seed's trainer.noise_injection

@@ -35,7 +35,8 @@ Runs go to ``<out_dir>/<variant>__seed<seed>/`` (at a dose:
 error; family and dose at a dose). Re-running skips finished runs and resumes interrupted
 ones from their checkpoint, refuses stored runs whose config the sweep no longer gives, and
 starts afresh a run that failed before its first checkpoint. A run that fails (or whose
-worker is killed) is recorded with its error and the others go on.
+worker is killed) is recorded with its error and the others go on. The runs go to a local
+process pool (``jobs``) or, with the same rules, to a Ray cluster (``aqn.experiments.ray_sweep``).
 """
 
 from __future__ import annotations
@@ -302,7 +303,9 @@ def _clear_run(run_dir: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _mark_worker_died(run_dir: Path, run: RunKey) -> bool:
+def mark_worker_died(run_dir: Path, run: RunKey, error: str = "its worker process died "
+                     "(killed, out of memory, or stopped with a sibling worker that died)"
+                     ) -> bool:
     """Record a run whose worker process died as failed, if it was running and no one holds
     it now (the dead worker's lock went with it); True when recorded."""
     try:
@@ -312,8 +315,7 @@ def _mark_worker_died(run_dir: Path, run: RunKey) -> bool:
     try:
         if run_status(run_dir) != "running":
             return False
-        _write_status(run_dir, run, "failed", "its worker process died (killed, out of "
-                      "memory, or stopped with a sibling worker that died)")
+        _write_status(run_dir, run, "failed", error)
         return True
     finally:
         lock.release()
@@ -349,11 +351,15 @@ def _sweep_json(spec: SweepSpec) -> str:
 
 
 SWEEP_LOCK = ".sweep.lock"
+RAY_LOCAL = "local"  # ``ray=``: a Ray instance of this machine's own
 
 
-def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
+def run_sweep(spec: SweepSpec, jobs: int = 1, ray: str | None = None,
+              retries: int = 0) -> dict[str, str]:
     """Every run of the sweep (``spec.runs()``); ``jobs`` > 1 runs them in parallel
-    processes. Returns run folder name -> status.
+    processes; ``ray`` (a cluster address, "auto", or ``RAY_LOCAL``) runs each as a Ray task
+    there instead, a task lost with its worker retried ``retries`` times
+    (``aqn.experiments.ray_sweep``). Returns run folder name -> status.
 
     One sweep at a time per sweep directory (a second is refused up front, naming the
     first's pid). Ctrl-C or SIGTERM stops it and its workers within seconds, as
@@ -373,12 +379,13 @@ def run_sweep(spec: SweepSpec, jobs: int = 1) -> dict[str, str]:
     try:
         _check_stored_runs(spec, runs)
         write_atomic(out / "sweep.json", _sweep_json(spec))
-        return _run_all(spec, runs, jobs)
+        return _run_all(spec, runs, jobs, ray, retries)
     finally:
         lock.release()
 
 
-def _run_all(spec: SweepSpec, runs: list[RunKey], jobs: int) -> dict[str, str]:
+def _run_all(spec: SweepSpec, runs: list[RunKey], jobs: int, ray: str | None = None,
+             retries: int = 0) -> dict[str, str]:
     out = out_dir_of(spec)
     results: dict[str, str] = {}
     start = time.perf_counter()
@@ -390,7 +397,11 @@ def _run_all(spec: SweepSpec, runs: list[RunKey], jobs: int) -> dict[str, str]:
 
     print(f"sweep {spec.name}: {len(runs)} runs into {out}", file=sys.stderr, flush=True)
     try:
-        if jobs <= 1:
+        if ray is not None:
+            from aqn.experiments.ray_sweep import run_on_ray
+
+            run_on_ray(spec, runs, None if ray == RAY_LOCAL else ray, retries, done)
+        elif jobs <= 1:
             for run in runs:
                 done(run, run_one(spec, run))
         else:
@@ -427,7 +438,7 @@ def _run_parallel(spec: SweepSpec, runs: list[RunKey], jobs: int,
         # Only now, the pool shut down and its workers reaped: a dead worker's lock can
         # outlive the moment the pool sees it die, and a run it held would look held
         for run in broken:
-            if _mark_worker_died(out / run.name, run):
+            if mark_worker_died(out / run.name, run):
                 done(run, "failed")
             else:
                 todo.append(run)  # not started, or finished unseen: run again
@@ -479,8 +490,9 @@ def seeds_for_power(diff_sds: list[float | None], target: float, max_seeds: int)
     return min(max([2, *need]), max_seeds)
 
 
-def run_sweep_to_power(spec: SweepSpec, target: float, max_seeds: int,
-                       jobs: int = 1) -> tuple[SweepSpec, dict[str, str]]:
+def run_sweep_to_power(spec: SweepSpec, target: float, max_seeds: int, jobs: int = 1,
+                       ray: str | None = None, retries: int = 0
+                       ) -> tuple[SweepSpec, dict[str, str]]:
     """The sweep's own seeds are a pilot that plans the confirmation: from the spread each
     comparison showed, the seeds its paired t-test needs to detect ``target`` points (at
     most ``max_seeds``), run as new seeds in ``<out_dir>-confirm``. The confirmation's
@@ -493,7 +505,7 @@ def run_sweep_to_power(spec: SweepSpec, target: float, max_seeds: int,
     if len(spec.seeds) < 2:
         raise ConfigError("--mde plans from the spread between seeds: the sweep (its pilot) "
                           "needs at least 2 seeds", "seeds")
-    run_sweep(spec, jobs)
+    run_sweep(spec, jobs, ray, retries)
     runs = [r for r in find_runs([out_dir_of(spec)])
             if r.status == "done" and r.seed in spec.seeds]
     rows = compare_points(runs).rows[1:]
@@ -508,4 +520,4 @@ def run_sweep_to_power(spec: SweepSpec, target: float, max_seeds: int,
           f"{'n/a' if worst is None else f'{worst:.1f}'} points; {need} new seeds detect "
           f"{target:g} points: confirmation in {out_dir_of(confirm)}", file=sys.stderr,
           flush=True)
-    return confirm, run_sweep(confirm, jobs)
+    return confirm, run_sweep(confirm, jobs, ray, retries)

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption (a moved or renamed run directory
 # resumes: where it lives is not what it computes).
 RESUMABLE_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.logger",
-                  "trainer.default_local_dir", "trainer.experiment_name")
+                  "trainer.default_local_dir", "trainer.experiment_name",
+                  "trainer.resources.num_cpus", "trainer.resources.num_gpus")
 LOCK_FILE = ".lock"
 
 
