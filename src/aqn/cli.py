@@ -365,8 +365,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     held = sorted(k for k, v in results.items() if v == "held")
     if failed or held:
         raise TrainingError("; ".join(
-            [f"{len(failed)} of {len(results)} runs failed: {', '.join(failed)} (error.log "
-             "in each run directory)"] * bool(failed)
+            [f"{len(failed)} of {len(results)} runs failed: {', '.join(failed)} (run.json, "
+             "error.log in each run directory)"] * bool(failed)
             + [f"{len(held)} of {len(results)} runs are held by another aqn process and were "
                f"left alone: {', '.join(held)}"] * bool(held)))
 
