@@ -22,7 +22,7 @@ backend and reports the median of each ``timing_s/*`` phase after the first step
 
     .venv-vllm/bin/python bench/bench_engine.py [--model smollm2-135m-instruct|tiny-base]
         [--batch 16] [--new-tokens 64] [--dtype float32] [--repeats 3] [--threads 1]
-        [--engines hf,vllm] [--no-enforce-eager] [--grpo-steps 3]
+        [--engines hf,vllm] [--no-enforce-eager] [--grpo-steps 3] [--grpo-only]
 
 --threads defaults to 1: on a shared machine torch's OpenMP threads spin on barriers when
 another process holds a core (a small matmul ran ~10x slower with 2 threads than with 1).
@@ -73,11 +73,16 @@ def main() -> None:
                              "actor_rollout_ref.rollout.enforce_eager)")
     parser.add_argument("--grpo-steps", type=int, default=0,
                         help="also time this many GRPO steps of smollm2-arith per backend")
+    parser.add_argument("--grpo-only", action="store_true",
+                        help="only the GRPO steps (no tokens/s table)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     use_vllm = "vllm" in args.engines.split(",")
     if use_vllm and vllm_version() is None:
         raise SystemExit("--engines vllm needs vLLM: run this in .venv-vllm (make setup-vllm)")
+    if args.grpo_only:
+        grpo_step_times(args.grpo_steps or 4, ["hf", "vllm"] if use_vllm else ["hf"])
+        return
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.eval()

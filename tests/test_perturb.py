@@ -293,6 +293,9 @@ def test_the_report_section_flag_replaces_a_name_check():
     assert [s.name for s in REGISTRY if s.own_report_section] == ["aqn"]
     assert [s.name for s in REGISTRY if s.vllm is not None] == ["quant", "aqn"]
     assert all(s.build_load is not None for s in REGISTRY if s.vllm == "load")
+    # what the vLLM worker carries is aqn.rollout.vllm_worker's extension, which runs AQN
+    # only: an entry declared "worker" needs its methods there (and in RemoteInjector's kin)
+    assert [s.name for s in REGISTRY if s.vllm == "worker"] == ["aqn"]
 
 
 # --------------------------------------------- the KV cache entry: one kernel + one spec

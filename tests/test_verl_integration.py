@@ -22,8 +22,8 @@ from aqn.integrations.verl import (
     hydra_value,
     make_extension,
 )
-from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY, START_KEY, worker_noise_config
 from aqn.noise import NoiseInjectionConfig
+from aqn.rollout.vllm_worker import CONFIG_KEY, METRICS_KEY, START_KEY, worker_noise_config
 from conftest import peer
 
 SIGMA = 0.05

@@ -7,8 +7,8 @@ it), where a missing vLLM fails them. The config checks need no vLLM and run eve
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import multiprocessing
 import os
 
 import pytest
@@ -17,11 +17,12 @@ import torch
 from aqn.config import load_config
 from aqn.data import encode_prompts, load_task
 from aqn.errors import ConfigError, NoTargetsError
-from aqn.noise import NoiseInjector
 from aqn.rl.trainer import GRPOTrainer
 from aqn.rollout.base import SamplingParams
 from conftest import peer, smoke
 
+# plain vLLM in this process for the verl extension's test (it reads the worker's model);
+# aqn's engine starts its own process whatever this says
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
@@ -99,30 +100,35 @@ GREEDY = SamplingParams(max_new_tokens=48, do_sample=False)
 @pytest.mark.vllm
 def test_vllm_targets_are_vllms_own_norms_and_as_many_as_hf(smollm2_engines):
     _, hf_engine, vllm_engine, _ = smollm2_engines
-    from vllm.model_executor.layers.layernorm import RMSNorm
 
     hf_aqn, vllm_aqn = hf_engine.perturbations.all[0], vllm_engine.perturbations.all[0]
     hf_targets, vllm_targets = hf_aqn.injector.targets, vllm_aqn.injector.targets
     assert len(vllm_targets) == len(hf_targets) == 61  # 2 per layer x 30 + the final norm
     assert [t.path for t in vllm_targets] == [t.path for t in hf_targets]  # same noise seeds
-    modules = dict(vllm_engine.model.named_modules())
-    assert all(type(modules[t.path]) is RMSNorm for t in vllm_targets)
-    # the seed's defect against the real vLLM classes: an HF class name matches nothing there
-    with pytest.raises(NoTargetsError, match="RMSNorm x61"):
-        NoiseInjector(vllm_engine.model, dataclasses.replace(vllm_aqn.injector.config,
-                                                             class_patterns=("llamarmsnorm",)))
+    # found in vLLM's worker process, among vLLM's own modules (HF's are LlamaRMSNorm)
+    assert {t.class_name for t in vllm_targets} == {"RMSNorm"}
+    assert {t.class_name for t in hf_targets} == {"LlamaRMSNorm"}
+    assert vllm_engine.llm.llm_engine.engine_core.__class__.__name__ == "SyncMPClient"
 
 
 @pytest.mark.vllm
-def test_the_trainer_keeps_torch_set_num_threads_after_vllm_starts(smollm2_engines):
-    """vLLM's CPU worker makes torch.set_num_threads a no-op for its process; the engine puts
-    it back, so the trainer sharing the process still sets its threads."""
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1 if threads > 1 else 2)
-        assert torch.get_num_threads() == (1 if threads > 1 else 2)
-    finally:
-        torch.set_num_threads(threads)
+def test_a_rule_that_matches_none_of_vllms_norms_fails_in_the_driver_as_itself(tmp_path):
+    """The seed's defect against the real vLLM classes: an HF class name matches nothing
+    there. The worker's NoTargetsError comes back as NoTargetsError, naming what is there,
+    and the refused engine's process is gone."""
+    need_vllm()
+    from aqn.models import build_tiny, stop_token_ids
+    from aqn.noise import NoiseInjectionConfig
+    from aqn.rollout.vllm import VLLMEngine
+
+    model, tokenizer = build_tiny(seed=0)
+    noise = NoiseInjectionConfig(enabled=True, class_patterns=("llamarmsnorm",),
+                                 total_steps=4, seed=1)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(NoTargetsError, match="RMSNorm x9"):
+        VLLMEngine(model, tokenizer.pad_token_id, stop_token_ids(tokenizer, model),
+                   noise=noise, max_model_len=64)
+    assert set(multiprocessing.active_children()) <= before
 
 
 @pytest.mark.vllm
@@ -147,7 +153,8 @@ def test_vllm_noise_changes_output_and_restore_is_exact(smollm2_engines):
     fired = vllm_engine.perturbations.check_firing("rollout")
     assert fired["perturb/aqn/modules"] == 61 and fired["perturb/aqn/elements_changed"] > 0
     assert sum(a != b for a, b in zip(rows(noisy), rows(clean), strict=True)) >= 8
-    # the same noise as the HF engine's (same seed, same module paths)
+    # the same noise as the HF engine's (same seed, same module paths), read back from
+    # vLLM's worker
     hf_engine.perturbations.apply(3)
     h_aqn, v_aqn = hf_engine.perturbations.all[0], vllm_engine.perturbations.all[0]
     assert torch.equal(torch.cat([w.flatten() for w in h_aqn.writes()]),
@@ -189,8 +196,9 @@ def test_vllm_sync_loads_the_trainers_new_weights(smollm2_engines):
     try:
         vllm_engine.sync_weights(policy.model)
         moved = vllm_engine.generate(prompts[:4], GREEDY)
-        assert torch.equal(dict(vllm_engine.model.named_parameters())["model.norm.weight"],
-                           norm)
+        injector = vllm_engine.perturbations.all[0].injector
+        final = [t.path for t in injector.targets].index("model.norm")
+        assert torch.equal(injector.target_weights()[final], norm)  # in vLLM's worker
         assert not torch.equal(moved.rollout_log_probs, before.rollout_log_probs)
     finally:
         with torch.no_grad():
@@ -241,8 +249,12 @@ def test_grpo_trains_with_the_vllm_backend_and_aqn_on(tmp_path):
                 "actor_rollout_ref.rollout.quantization=nvfp4",
                 "trainer.total_training_steps=3", "trainer.test_freq=3", "trainer.save_freq=3",
                 "trainer.noise_injection.total_steps=3")
+    set_num_threads = torch.set_num_threads
     trainer = GRPOTrainer(cfg)
     assert type(trainer.engine).__name__ == "VLLMEngine"
+    # vLLM's CPU worker turns torch.set_num_threads into a no-op for its process, which is
+    # not the trainer's
+    assert torch.set_num_threads is set_num_threads
     trainer.fit()
     trainer.engine.close()
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -272,8 +284,8 @@ def test_verls_worker_extension_noises_vllms_norms_after_each_reload(tmp_path):
     from vllm import LLM
     from vllm import SamplingParams as VLLMSampling
 
-    from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY
     from aqn.models import build_tiny
+    from aqn.rollout.vllm_worker import CONFIG_KEY, METRICS_KEY
 
     model, _ = build_tiny(seed=0)
     model.save_pretrained(tmp_path)
@@ -281,8 +293,8 @@ def test_verls_worker_extension_noises_vllms_norms_after_each_reload(tmp_path):
              "total_steps": 6, "seed": 1}
     with torch.random.fork_rng(devices=[]):
         llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32",
-                  max_model_len=64, enforce_eager=True, seed=0,
-                  worker_extension_cls="aqn.integrations.verl_worker.AQNNoiseMixin",
+                  max_model_len=64, enforce_eager=True, seed=0, gpu_memory_utilization=0.5,
+                  worker_extension_cls="aqn.rollout.vllm_worker.AQNNoiseMixin",
                   additional_config={CONFIG_KEY: block,
                                      METRICS_KEY: str(tmp_path / "run.aqn.jsonl")})
     vllm_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
@@ -332,8 +344,12 @@ def test_smollm2_trains_with_the_vllm_backend_and_the_report_reads_vllms_counts(
         "data.train_batch_size=2", "actor_rollout_ref.rollout.n=2",
         "data.max_response_length=16", "data.max_val_samples=4",
         "actor_rollout_ref.actor.ppo_micro_batch_size=4"])
+    set_num_threads = torch.set_num_threads
     trainer = GRPOTrainer(cfg)
     assert type(trainer.engine).__name__ == "VLLMEngine"
+    # vLLM's CPU worker turns torch.set_num_threads into a no-op for its process, which is
+    # not the trainer's
+    assert torch.set_num_threads is set_num_threads
     trainer.fit()
     trainer.engine.close()
     report = build_report([trainer.run_dir], tmp_path / "report")

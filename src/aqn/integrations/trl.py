@@ -35,8 +35,8 @@ from typing import Any
 
 from torch import nn
 
+from aqn.config import resolve_noise
 from aqn.errors import ConfigError
-from aqn.integrations import resolve_noise
 from aqn.noise import NoiseInjectionConfig, NoiseInjector, NoiseReport
 
 

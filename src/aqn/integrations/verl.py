@@ -15,14 +15,14 @@ command instead of running it.
 verl's rollout runs in vLLM worker processes, one per tensor-parallel rank. Each weight sync
 ends in verl's ``vLLMColocateWorkerExtension.update_weights_from_ipc`` in those processes; the
 extension here calls it, then puts the step's noise on vLLM's own ``RMSNorm`` modules
-(``verl_worker.AQNNoiseMixin``). Every rank draws the same noise (the seed depends on the step
-and the module path only), and norms the sync did not send keep their clean copy.
+(``aqn.rollout.vllm_worker.AQNNoiseMixin``, which aqn's own vLLM engine uses too). Every
+rank draws the same noise (the seed depends on the step and the module path only), and norms
+the sync did not send keep their clean copy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import re
@@ -32,11 +32,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from aqn.config import NOISE_KEY as KEY
+from aqn.config import resolve_noise
 from aqn.errors import ConfigError
 from aqn.experiments.foreign import aqn_metrics_file
-from aqn.integrations import KEY, resolve_noise
-from aqn.integrations.verl_worker import CONFIG_KEY, METRICS_KEY, START_KEY, AQNNoiseMixin
 from aqn.noise import NoiseInjectionConfig
+from aqn.rollout.vllm_worker import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    START_KEY,
+    AQNNoiseMixin,
+    frozen_block,
+)
 
 VERL_BASE = "verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension"
 EXTENSION = "aqn.integrations.verl.AQNColocateWorkerExtension"
@@ -88,12 +95,6 @@ def hydra_value(value: Any) -> str:
     if isinstance(value, Sequence):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
     raise TypeError(f"no Hydra literal for {type(value).__name__}")
-
-
-def frozen_block(config: NoiseInjectionConfig) -> dict[str, Any]:
-    """Every key of the resolved block, as plain values (tuples as lists, as Hydra reads them)."""
-    return dataclasses.asdict(config, dict_factory=lambda items: {
-        k: list(v) if isinstance(v, tuple) else v for k, v in items})
 
 
 def overrides(noise: NoiseInjectionConfig | Mapping[str, Any],

