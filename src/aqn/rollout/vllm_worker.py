@@ -24,9 +24,11 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import torch
 
 from aqn import errors
 from aqn.config import resolve_noise
@@ -60,6 +62,12 @@ def worker_noise_config(additional_config: Any) -> NoiseInjectionConfig:
         # it rebinds the norm weights to fp32; vLLM's fused RMSNorm needs the model's dtype
         raise ConfigError("not supported inside vLLM", f"{CONFIG_PATH}.fp32_targets")
     return config
+
+
+def view_of(buffer: torch.Tensor, dtype: str, shape: Sequence[int], start: int, size: int
+            ) -> torch.Tensor:
+    """One tensor of the driver's ``SharedWeights`` layout: a view of the mapped bytes."""
+    return buffer[start:start + size].view(getattr(torch, dtype)).view(tuple(shape))
 
 
 def _errors_as_values(method: F) -> F:
@@ -189,15 +197,17 @@ class AQNNoiseMixin:
 class AQNWorkerExtension(AQNNoiseMixin):
     """aqn's own vLLM engine: the trainer's weights arrive over ``collective_rpc``."""
 
-    def aqn_load_weights(self, path: str) -> None:
-        """Reload every weight of the safetensors file at ``path`` through vLLM's layerwise
-        loader (the path that reaches its packed CPU Linear kernels); ``aqn_refresh`` then
-        takes them as AQN's clean copy."""
-        from safetensors import safe_open
+    def aqn_map_weights(self, path: str, layout: list[list]) -> None:
+        """Map the driver's ``SharedWeights`` file: each sync's weights, in place."""
+        buffer = torch.from_file(path, shared=True, size=os.path.getsize(path),
+                                 dtype=torch.uint8)
+        self._aqn_weights = [(name, view_of(buffer, dtype, shape, start, size))
+                             for name, dtype, shape, start, size in layout]
 
-        with safe_open(path, framework="pt") as f:
-            weights = ((name, f.get_tensor(name)) for name in f.keys())  # noqa: SIM118
-            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    def aqn_load_weights(self) -> None:
+        """Reload every mapped weight through vLLM's layerwise loader (the path that reaches
+        its packed CPU Linear kernels); ``aqn_refresh`` then takes them as AQN's clean copy."""
+        self.reload_weights(weights_iterator=iter(self._aqn_weights), is_checkpoint_format=True)
         model = self.model_runner.model
         lm_head = getattr(model, "lm_head", None)
         if getattr(getattr(model, "config", None), "tie_word_embeddings", False) \
