@@ -362,3 +362,28 @@ def test_a_resumed_run_continues_the_noise_schedule_where_verl_resumes(tmp_path,
     assert norms(resumed).keys() == norms(fresh).keys()
     assert all(torch.equal(v, norms(fresh)[k]) for k, v in norms(resumed).items())
     assert json.loads(aqn_log.read_text())["step"] == 5  # the row of the step it feeds
+
+
+def test_an_aqn_error_in_vllms_worker_is_raised_in_the_driver_as_itself():
+    """vLLM passes on only a worker exception's text; the extension returns aqn's errors as
+    values, and the driver raises the same class with the same message and key."""
+    from aqn.rollout.vllm_worker import AQNWorkerExtension, raise_worker_error
+
+    class Worker(AQNWorkerExtension):  # vLLM's worker, as far as the extension reads it
+        def __init__(self, additional_config, model):
+            self.vllm_config = type("VllmConfig", (), {"additional_config": additional_config})
+            self.model_runner = type("ModelRunner", (), {"model": model})
+
+    model = nn.Sequential(nn.Linear(4, 4))  # no norm at all
+    with pytest.raises(NoTargetsError, match="AQN matched 0 modules in Sequential"):
+        raise_worker_error(Worker({CONFIG_KEY: {"enabled": True, "total_steps": 4,
+                                                "seed": 1}}, model).aqn_targets())
+    with pytest.raises(ConfigError) as e:
+        raise_worker_error(Worker({}, model).aqn_apply(3))
+    assert e.value.key.endswith("additional_config.aqn_noise") and "missing" in e.value.message
+    with pytest.raises(ConfigError) as e:  # a key the block does not have: named in full
+        raise_worker_error(Worker({CONFIG_KEY: {"enabled": True, "sigma": 1}}, model)
+                           .aqn_targets())
+    assert e.value.key.endswith("aqn_noise.sigma")
+    assert raise_worker_error(Worker({CONFIG_KEY: {"enabled": False}}, model).aqn_targets()) \
+        == []

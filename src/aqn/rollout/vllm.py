@@ -1,6 +1,7 @@
 """The vLLM rollout engine (``actor_rollout_ref.rollout.name=vllm``): the ``Engine`` protocol
 (``aqn.rollout.base``) on a vLLM ``LLM`` whose engine core runs in a process of its own, as in
-verl and TRL's server mode (in the trainer's process it made the trainer's updates 2x slower).
+verl and TRL's server mode (in the trainer's process it slowed the trainer's updates:
+docs/speed.md).
 
 vLLM holds its own weights, as in verl and QeRL. Each sync sends the trainer's weights over
 ``collective_rpc`` to aqn's worker extension (``aqn.rollout.vllm_worker``, the one verl's

@@ -77,12 +77,11 @@ def _errors_as_values(method: F) -> F:
         try:
             return method(self, *args, **kwargs)
         except (errors.InputError, errors.NoTargetsError, errors.NotFiredError) as e:
-            return {ERROR_MARK: [type(e).__name__, [str(a) for a in _error_args(e)]]}
+            # the nearest class the driver knows by name (a subclass may live elsewhere)
+            known = next(c for c in type(e).__mro__ if getattr(errors, c.__name__, None) is c)
+            args = (e.message, e.key) if isinstance(e, ConfigError) else tuple(map(str, e.args))
+            return {ERROR_MARK: [known.__name__, list(args)]}
     return call  # type: ignore[return-value]
-
-
-def _error_args(e: Exception) -> tuple:
-    return (e.message, e.key) if isinstance(e, ConfigError) else e.args
 
 
 def raise_worker_error(result: Any) -> Any:
