@@ -17,10 +17,7 @@ from aqn.experiments.sweep import SweepSpec, load_sweep, out_dir_of, run_status,
 from aqn.rl.checkpoint import checkpoint_steps
 from aqn.rl.run_dir import LOCK_FILE
 from aqn.rl.tracking import read_metrics
-from conftest import peer
-
-# what depends on the machine's speed, not on what the run computed
-TIMED = ("timing_s/", "perf/")
+from conftest import peer, values
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +35,6 @@ def spec_at(out: Path, steps: int = 4, **kw) -> SweepSpec:
                                       "trainer.save_freq=1"), **kw})
 
 
-def computed(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith(TIMED)}
-            for row in read_metrics(run_dir)]
-
-
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -51,8 +43,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def assert_same_runs(a: Path, b: Path, names) -> None:
     for name in names:
-        assert computed(a / name) == computed(b / name), name
-        assert len(computed(a / name)) > 1
+        assert values(a / name) == values(b / name), name
+        assert len(values(a / name)) > 1
         for f in sorted((a / name / "val").iterdir()):
             assert f.read_bytes() == (b / name / "val" / f.name).read_bytes(), f
         wa, wb = final_weights(a / name), final_weights(b / name)

@@ -60,7 +60,7 @@ def run_on_ray(spec: SweepSpec, runs: list[RunKey], address: str | None, retries
     try:
         check_shared_storage(ray, out_dir_of(spec))
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        task = ray.remote(_run_task)
+        task = ray.remote(run_one)
         pending = {}
         for run in runs:
             options = task_options(run_config(spec, run, resume=False), has_gpus)
@@ -90,10 +90,6 @@ def task_options(cfg: Any, cluster_has_gpus: bool) -> dict[str, float]:
                                                    and cluster_has_gpus)
         gpus = 1 if on_cuda else 0
     return {"num_cpus": res.num_cpus, "num_gpus": gpus}
-
-
-def _run_task(spec: SweepSpec, run: RunKey, threads: int) -> str:
-    return run_one(spec, run, threads)
 
 
 def _outcome(ray: Any, ref: Any, spec: SweepSpec, run: RunKey) -> str:
