@@ -163,6 +163,16 @@ def test_one_lucky_dose_does_not_flatten_a_curve_after_holm():
         "AQN flattens the q curve (Holm-corrected over 3 doses): q=4: +2.60 points, p=0.01")
 
 
+def test_a_variant_without_doses_in_a_family_has_no_curve_there():
+    from aqn.experiments.robustness import Family, Point
+
+    points = [Point("baseline", "baseline", None, {}), Point("AQN", "AQN", None, {}),
+              Point("baseline @ p=x", "baseline", "x", {})]
+    assert Family("p", points, "baseline").variants() == ["baseline"]
+    points.append(Point("AQN @ p=x", "AQN", "x", {}))
+    assert Family("p", points, "baseline").variants() == ["baseline", "AQN"]
+
+
 def test_a_perturbed_validation_without_val_clean_has_no_clean_accuracy(sweep, tmp_path):
     import shutil
 

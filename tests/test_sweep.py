@@ -247,10 +247,19 @@ def test_doses_expand_to_one_run_per_variant_dose_and_seed(tmp_path):
             ("doses: {m: {key: a.b, values: [true]}}", "doses.m.values"),
             ("doses: {m: {key: a.b, values: [1], extra: 2}}", "doses.m"),
             ("doses: {m__x: {key: a.b, values: [1]}}", "plain folder name"),
+            ("doses: {m: {key: a.b, values: [1], variants: [AQN]}}", "doses.m.variants"),
+            ("doses: {m: {key: a.b, values: [1], variants: base}}", "doses.m.variants"),
             ("seeds: [1, 1]", "lists a seed twice")):
         f.write_text(f"name: d\nbase: smoke\n{bad}\n")
         with pytest.raises(ConfigError, match=match):
             load_sweep(f)
+    # a family run by some variants only: the others keep their clean point alone
+    f.write_text("name: d\nbase: smoke\nvariants: {baseline: [], AQN: [aqn=qerl]}\n"
+                 "doses:\n  m: {key: a.b, values: [1, 2]}\n"
+                 "  p: {key: c.d, values: [x], variants: [baseline]}\n")
+    assert [r.name for r in load_sweep(f).runs()] == [
+        "baseline__seed1", "baseline__m@1__seed1", "baseline__m@2__seed1",
+        "baseline__p@x__seed1", "AQN__seed1", "AQN__m@1__seed1", "AQN__m@2__seed1"]
     f.write_text("name: d\nbase: smoke\ndoses: {m: {key: actor_rollout_ref.rollout.op_noise"
                  ".scale, values: [-1]}}\n")
     with pytest.raises(ConfigError, match="must be a finite number >= 0.*run baseline__m@-1"):

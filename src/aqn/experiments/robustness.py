@@ -126,7 +126,11 @@ class Family:
         return [None] + sorted(found, key=lambda d: (self.x(d) is None, self.x(d) or 0.0))
 
     def variants(self) -> list[str]:
-        return list(dict.fromkeys(p.variant for p in self.points))
+        """The baseline and every variant run at one of the family's doses (a variant with
+        only its clean point has no curve here)."""
+        dosed = {p.variant for p in self.points if p.dose is not None}
+        return list(dict.fromkeys(p.variant for p in self.points
+                                  if p.variant == self.baseline or p.variant in dosed))
 
     def point(self, variant: str, dose: float | str | None) -> Point | None:
         return next((p for p in self.points if p.variant == variant and p.dose == dose), None)

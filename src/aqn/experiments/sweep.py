@@ -27,6 +27,7 @@ dose of every family::
         key: [actor_rollout_ref.rollout.op_noise.scale]  # several keys get the same value
         values: [0.03, 0.06, 0.1, 0.15]         # the perturbed doses (the clean point is 0)
         overrides: []                           # optional: what every run of it adds
+        variants: [baseline]                    # optional: only these variants run its doses
 
 (``doses: {key: ..., values: [...]}`` is one family named ``dose``.)
 
@@ -81,6 +82,9 @@ class DoseFamily:
     keys: tuple[str, ...]
     values: tuple[float | str, ...]
     overrides: tuple[str, ...] = ()
+    # The variants that run its doses; empty: every variant. A family that only places a
+    # perturbation on the mismatch axis needs the baseline alone.
+    variants: tuple[str, ...] = ()
 
     def run_overrides(self, dose: float | str) -> list[str]:
         return [*self.overrides, *(f"{k}={dose}" for k in self.keys)]
@@ -137,11 +141,16 @@ class SweepSpec:
             if not family.keys or not labels or len(set(labels)) != len(labels):
                 raise ConfigError(f"family {name!r} needs key(s) and distinct values, got "
                                   f"keys {list(family.keys)}, values {labels}", "doses")
+            unknown = [v for v in family.variants if v not in self.variants]
+            if unknown:
+                raise ConfigError(f"names {unknown}, not among the sweep's variants "
+                                  f"{list(self.variants)}", f"doses.{name}.variants")
 
     def runs(self) -> list[RunKey]:
         """Every run, variant by variant: its clean point, then each family's doses."""
         return [RunKey(v, s, f, d) for v in self.variants
                 for f, d in [(None, None)] + [(f, d) for f, fam in self.doses.items()
+                                              if not fam.variants or v in fam.variants
                                               for d in fam.values]
                 for s in self.seeds]
 
@@ -180,14 +189,15 @@ def load_sweep(source: str | Path) -> SweepSpec:
 
 def _dose_families(doses: dict) -> dict[str, DoseFamily]:
     if not isinstance(doses, dict):
-        raise ConfigError("must map family names to {key, values, overrides}", "doses")
+        raise ConfigError("must map family names to {key, values, overrides, variants}",
+                          "doses")
     if "key" in doses:  # the one-family shorthand
         doses = {"dose": doses}
     families = {}
     for name, entry in doses.items():
         where = f"doses.{name}"
-        if not isinstance(entry, dict) or set(entry) - {"key", "values", "overrides"}:
-            raise ConfigError("must be {key, values, overrides}", where)
+        if not isinstance(entry, dict) or set(entry) - {"key", "values", "overrides", "variants"}:
+            raise ConfigError("must be {key, values, overrides, variants}", where)
         keys = entry.get("key")
         keys = [keys] if isinstance(keys, str) else keys
         values = entry.get("values")
@@ -196,9 +206,12 @@ def _dose_families(doses: dict) -> dict[str, DoseFamily]:
         if not isinstance(values, list) or not all(
                 isinstance(v, int | float | str) and not isinstance(v, bool) for v in values):
             raise ConfigError("must be a list of numbers or names", f"{where}.values")
+        variants = entry.get("variants") or []
+        if not isinstance(variants, list) or not all(isinstance(v, str) for v in variants):
+            raise ConfigError("must be a list of the sweep's variant names", f"{where}.variants")
         families[str(name)] = DoseFamily(
             tuple(keys), tuple(float(v) if isinstance(v, int) else v for v in values),
-            tuple(entry.get("overrides") or ()))
+            tuple(entry.get("overrides") or ()), tuple(variants))
     return families
 
 
