@@ -46,7 +46,8 @@ def test_op_noise_is_the_seeded_relative_formula_on_each_call():
     for call, out in enumerate(outs):  # eps ~ N(0, 1) seeded by (seed, step, path, call)
         gen = torch.Generator().manual_seed(derive_seed(7, 4, "0", call))
         eps = torch.randn(clean.shape, generator=gen)
-        assert torch.equal(out, clean + 0.05 * clean.abs() * eps)
+        assert torch.equal(out, torch.addcmul(clean, clean.abs(), eps, value=0.05))
+        assert torch.allclose(out, clean + 0.05 * clean.abs() * eps, rtol=0, atol=1e-6)
     assert not torch.equal(outs[0], outs[1])  # fresh per call
     firing = noise.firing()
     assert (firing.calls, firing.elements, firing.num_changed) == (2, 30, 30)

@@ -122,10 +122,11 @@ class OpNoise(HookedPerturbation):
         gen.manual_seed(derive_seed(self.seed, self.step, *seed_parts))
         eps = torch.randn(y.shape, generator=gen, device=y.device)
         yf = y.detach().float()
+        # one fused op each (y + scale |y| eps): the hook runs on every matmul of every call
         if self.config.mode == "relative":
-            noisy = (yf + self.config.scale * yf.abs() * eps).to(y.dtype)
+            noisy = torch.addcmul(yf, yf.abs(), eps, value=self.config.scale).to(y.dtype)
         else:
-            noisy = (yf + self.config.scale * eps).to(y.dtype)
+            noisy = yf.add(eps, alpha=self.config.scale).to(y.dtype)
         if y.requires_grad:  # the noise is an error term: the gradient goes straight through
             noisy = noisy + (y - y.detach())
             if self.config.backward:
