@@ -44,6 +44,11 @@ def write_point(root: Path, variant: str, dose: float | None, seed: int, mismatc
                      "rollout_corr/abs_logp_diff_mean": mismatch * (0.5 + step / STEPS),
                      "rollout_corr/kl": mismatch / 10,
                      "critic/acc/mean": 0.3 + 0.05 * step if variant == "AQN" else 0.5})
+    # a validation half-way: AQN's runs still rising to the end (by 4-6 items), the
+    # baseline's settled (within an item)
+    mid = final - {1: 5, 2: 6, 3: 4}[seed] if variant == "AQN" else final + seed - 2
+    rows[STEPS // 2] |= {"val-core/arith/acc/mean@1": mid / N_ITEMS}
+    (run / "val" / f"step_{STEPS // 2}.jsonl").write_text(items(mid))
     rows[-1] |= {"val-core/arith/acc/mean@1": final / N_ITEMS}
     (run / "val" / f"step_{STEPS}.jsonl").write_text(items(final))
     if clean is not None:
@@ -109,6 +114,12 @@ def test_costs_effects_and_the_verdict(report):
             "-3.00 points, p=0.035; 0.1: -18.67 points, p=0.0022.") in section
     # the sampled accuracy of AQN still rises at the end (0.05 per step = 5 points/step)
     assert "+50.00/10 steps (still rising)" in section
+    # its validation too: +5, +6, +4 points from step 4 to 8; the baseline's -1, 0, +1
+    rows = {tuple(cells[:2]): cells for line in section.splitlines()
+            if (cells := [c.strip() for c in line.strip("|").split("|")])[0] in ("0.1", "clean")}
+    assert rows[("0.1", "AQN")][8].startswith("+5.00 over 4 steps, p=0.0")
+    assert rows[("0.1", "AQN")][8].endswith("(still moving)")
+    assert rows[("0.1", "baseline")][8].startswith("+0.00 over 4 steps, p=1")
     assert (report.paths[0].parent / "robustness_matmul.png").stat().st_size > 10_000
 
 
@@ -135,6 +146,8 @@ def test_summary_json(report):
     clean = rows["AQN"]
     assert (clean["against"], clean["dose"], clean["family"]) == ("baseline", None, None)
     # +1, 0, -1 points: not significant, and what it could have missed is stated
+    assert effect["final_change"]["delta_points"] == pytest.approx(5.0)
+    assert effect["final_change"]["over_steps"] == 4 and effect["final_change"]["p"] < 0.05
     assert clean["significant"] is False
     assert clean["verdict"].startswith("undetermined: it could miss effects up to")
 

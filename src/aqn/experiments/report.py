@@ -43,7 +43,7 @@ from aqn.experiments.render import (
     to_html,
     to_markdown,
 )
-from aqn.experiments.robustness import robustness_section
+from aqn.experiments.robustness import last_validation_change, robustness_section
 from aqn.experiments.runs import RunData, find_runs
 from aqn.experiments.stats import ALPHA, avg, mean_curve
 from aqn.experiments.trust import check_comparisons, check_runs
@@ -176,6 +176,7 @@ def summary(rows: list[HeadlineRow], groups: dict[str, dict[int, RunData]],
             continue
         run = first_run(groups[r.variant])
         ci = r.ci()
+        change, span = last_validation_change(groups[r.variant])
         comparisons.append({
             "variant": run.variant, "point": r.variant, "against": r.against,
             "family": run.family, "dose": run.dose,
@@ -186,6 +187,10 @@ def summary(rows: list[HeadlineRow], groups: dict[str, dict[int, RunData]],
             "test": r.test, "significant": r.significant,
             "verdict": ("significant" if r.significant else
                         "not testable" if r.significant is None else power_verdict(r, target)),
+            # the point's validation accuracy from its last but one validation to the final
+            "final_change": None if change is None else {
+                "delta_points": _points(change.mean_diff), "over_steps": span,
+                "p": change.p_value},
         })
     learned = None
     if learning is not None:
