@@ -93,6 +93,7 @@ bench: setup
 	$(PY) bench/bench_quant.py
 	$(PY) bench/bench_numerics.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_tiny_step.py
 
 bench-race: setup-race
 	$(PY) bench/bench_race.py
