@@ -145,9 +145,10 @@ def test_summary_json(report):
     assert cost["against"] == "baseline" and cost["delta_points"] == pytest.approx(-56 / 3)
     clean = rows["AQN"]
     assert (clean["against"], clean["dose"], clean["family"]) == ("baseline", None, None)
-    # +1, 0, -1 points: not significant, and what it could have missed is stated
+    # the point's own validation from step 4 to 8: +5, +6, +4 points
     assert effect["final_change"]["delta_points"] == pytest.approx(5.0)
     assert effect["final_change"]["over_steps"] == 4 and effect["final_change"]["p"] < 0.05
+    # +1, 0, -1 points: not significant, and what it could have missed is stated
     assert clean["significant"] is False
     assert clean["verdict"].startswith("undetermined: it could miss effects up to")
 
